@@ -1,0 +1,3 @@
+from lowrank.cli import main
+
+raise SystemExit(main())
