@@ -7,6 +7,7 @@ import math
 import operator
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,7 +163,7 @@ class FactoredMatrix:
                     f"FactoredMatrix @ vector: vector has length {other.shape[0]} but the matrix "
                     f"has shape {self.shape} (needs rdim={self.rdim})"
                 )
-            return jnp.matmul(self.A, jnp.matmul(self.B, other))
+            return jnp.matmul(self.A, jnp.matmul(self.B, other[:, None]))[..., 0]
         if other.shape[-2] != self.rdim:
             raise ValueError(
                 f"FactoredMatrix @ X: X has shape {tuple(other.shape)} but the matrix has shape "
@@ -181,7 +182,7 @@ class FactoredMatrix:
                 f"{self.shape}; X.shape[-1] must equal ldim={self.ldim}"
             )
         if other.ndim == 1:
-            return jnp.matmul(jnp.matmul(other, self.A), self.B)
+            return jnp.matmul(jnp.matmul(other[None, :], self.A), self.B)[..., 0, :]
         if self.ldim > self.mdim:
             return FactoredMatrix(jnp.matmul(other, self.A), self.B)
         return FactoredMatrix(other, self.AB)
@@ -444,3 +445,14 @@ def _index_matrix_axis(
         i = _normalise_int(i, size, axis_name, shape)
         return jax.lax.slice_in_dim(x, i, i + 1, axis=x.ndim + axis)
     return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=x.ndim + axis)
+
+
+def _to_state_dict(M: FactoredMatrix) -> dict[str, Any]:
+    return {"A": M.A, "B": M.B}
+
+
+def _from_state_dict(M: FactoredMatrix, state: dict[str, Any]) -> FactoredMatrix:
+    return FactoredMatrix(state["A"], state["B"])
+
+
+flax.serialization.register_serialization_state(FactoredMatrix, _to_state_dict, _from_state_dict)

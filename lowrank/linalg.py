@@ -19,7 +19,7 @@ from lowrank.factored import FactoredMatrix
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
-F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 __all__ = ["eig", "eigvals", "low_rank_approx", "norm", "svd", "svdvals", "trace"]
 
@@ -58,17 +58,19 @@ def _as_dense(x: Any, fn: str) -> Array:
     return x.astype(_compute_dtype(x.dtype))
 
 
-def _dispatch(dense_impl: Callable[..., Any]) -> Callable[[F], F]:
+def _dispatch(
+    dense_impl: Callable[..., R],
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Route a ``FactoredMatrix`` to the decorated function and arrays to ``dense_impl``."""
 
-    def decorate(factored_impl: F) -> F:
+    def decorate(factored_impl: Callable[..., R]) -> Callable[..., R]:
         @functools.wraps(factored_impl)
-        def wrapper(M: Any, *args: Any, **kwargs: Any) -> Any:
+        def wrapper(M: Any, *args: Any, **kwargs: Any) -> R:
             if isinstance(M, FactoredMatrix):
                 return factored_impl(_upcast(M), *args, **kwargs)
             return dense_impl(_as_dense(M, factored_impl.__name__), *args, **kwargs)
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate
 

@@ -1,0 +1,359 @@
+"""Factored linear algebra against float64 NumPy and TransformerLens 3.9.0."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _reference import (
+    align_signs,
+    assert_rel_close,
+    match_multiset,
+    random_factors,
+    to_numpy,
+    to_torch,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import lowrank
+from lowrank import FactoredMatrix, eig, eigvals, low_rank_approx, norm, svd, svdvals, trace
+
+LEAD = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def tl():
+    from transformer_lens import FactoredMatrix as TLFactoredMatrix
+
+    return TLFactoredMatrix
+
+
+@pytest.fixture(params=[(40, 8, 30), (40, 8, 40), (30, 8, 40)], ids=["tall", "square", "wide"])
+def factors(request):
+    l, m, r = request.param
+    return random_factors(np.random.default_rng(10), LEAD, l, m, r)
+
+
+def dense(A, B):
+    return np.asarray(A, np.float64) @ np.asarray(B, np.float64)
+
+
+def reconstruct(U, S, Vh):
+    return (np.asarray(U, np.float64) * np.asarray(S, np.float64)[..., None, :]) @ np.asarray(
+        Vh, np.float64
+    )
+
+
+# ---------------------------------------------------------------------- parity
+def test_svd_matches_tl_and_numpy(tl, factors):
+    A, B = factors
+    M, R = FactoredMatrix(A, B), tl(to_torch(A), to_torch(B))
+    U, S, Vh = svd(M)
+    k = min(A.shape[-2], 8, B.shape[-1])
+    assert U.shape == (*LEAD, A.shape[-2], k) and S.shape == (*LEAD, k)
+    assert Vh.shape == (*LEAD, k, B.shape[-1])
+    U_np, S_np, Vh_np = np.linalg.svd(dense(A, B), full_matrices=False)
+    assert_rel_close(S, S_np[..., :k], what="S vs numpy")
+    assert_rel_close(S, to_numpy(R.S), what="S vs TL")
+    assert_rel_close(M.S, S, what="M.S")
+    assert_rel_close(reconstruct(U, S, Vh), dense(A, B), what="U S Vh == AB")
+    assert_rel_close(U, align_signs(to_numpy(R.U), np.asarray(U), axis=-2), what="U vs TL")
+    # TransformerLens's V (and its deprecated Vh) are right singular vectors as columns.
+    assert_rel_close(M.V, align_signs(to_numpy(R.V), np.asarray(M.V), axis=-2), what="V vs TL")
+    np.testing.assert_array_equal(M.V, np.swapaxes(M.Vh, -1, -2))
+    np.testing.assert_array_equal(M.U, U)
+    assert_rel_close(M.Vh, align_signs(Vh_np[..., :k, :], np.asarray(Vh), axis=-1), what="Vh")
+
+
+def test_collapse_and_make_even_match_tl(tl, factors):
+    A, B = factors
+    M, R = FactoredMatrix(A, B), tl(to_torch(A), to_torch(B))
+    U, S, Vh = svd(M)
+    # Singular vectors are defined up to sign: align TL's to ours before comparing.
+    sign = np.sign(np.sum(to_numpy(R.U) * np.asarray(U), axis=-2))
+    assert_rel_close(M.collapse_l(), sign[..., :, None] * to_numpy(R.collapse_l()), what="l")
+    assert_rel_close(M.collapse_r(), sign[..., None, :] * to_numpy(R.collapse_r()), what="r")
+    even, even_tl = M.make_even(), R.make_even()
+    assert_rel_close(even.AB, dense(A, B), what="make_even keeps the matrix")
+    assert_rel_close(even.A, sign[..., None, :] * to_numpy(even_tl.A), what="make_even A")
+    assert_rel_close(even.B, sign[..., :, None] * to_numpy(even_tl.B), what="make_even B")
+    gram_a = np.swapaxes(np.asarray(even.A), -1, -2) @ np.asarray(even.A)
+    gram_b = np.asarray(even.B) @ np.swapaxes(np.asarray(even.B), -1, -2)
+    assert_rel_close(gram_a, gram_b, what="balanced factors")
+
+
+def test_eigenvalues_match_tl_and_numpy(tl):
+    A, B = random_factors(np.random.default_rng(11), LEAD, 40, 8, 40)
+    M, R = FactoredMatrix(A, B), tl(to_torch(A), to_torch(B))
+    ours = np.asarray(M.eigenvalues)
+    assert ours.shape == (*LEAD, 8) and ours.dtype == np.complex64
+    assert_rel_close(match_multiset(ours, to_numpy(R.eigenvalues)), to_numpy(R.eigenvalues))
+    full = np.linalg.eigvals(dense(A, B))  # 40 eigenvalues, 32 of them ~0
+    nonzero = np.take_along_axis(full, np.argsort(-np.abs(full), axis=-1), axis=-1)[..., :8]
+    assert_rel_close(match_multiset(ours, nonzero), nonzero, what="vs numpy")
+
+
+def test_norm_matches_tl_and_numpy(tl, factors):
+    A, B = factors
+    M, R = FactoredMatrix(A, B), tl(to_torch(A), to_torch(B))
+    expected = np.linalg.norm(dense(A, B), axis=(-2, -1))
+    assert_rel_close(norm(M), expected, what="vs numpy")
+    assert_rel_close(M.norm(), to_numpy(R.norm()), what="vs TL")
+
+
+@pytest.mark.parametrize(("l", "m", "r"), [(40, 8, 30), (5, 30, 6)])
+def test_norm_uses_either_association(l, m, r):
+    A, B = random_factors(np.random.default_rng(12), LEAD, l, m, r)
+    assert_rel_close(norm(FactoredMatrix(A, B)), np.linalg.norm(dense(A, B), axis=(-2, -1)))
+
+
+def test_trace():
+    A, B = random_factors(np.random.default_rng(13), LEAD, 20, 6, 20)
+    M = FactoredMatrix(A, B)
+    assert_rel_close(trace(M), np.trace(dense(A, B), axis1=-2, axis2=-1))
+    assert_rel_close(M.trace(), np.real(np.sum(np.linalg.eigvals(dense(A, B)), axis=-1)))
+
+
+@pytest.mark.parametrize(("l", "m"), [(12, 4), (5, 9)], ids=["m<l", "m>l"])
+def test_eig_vectors(l, m):
+    A, B = random_factors(np.random.default_rng(14), LEAD, l, m, l)
+    M = FactoredMatrix(A, B)
+    w, v = eig(M)
+    k = min(l, m)
+    assert w.shape == (*LEAD, k) and v.shape == (*LEAD, l, k)
+    AB = dense(A, B)
+    v64, w64 = np.asarray(v, np.complex128), np.asarray(w, np.complex128)
+    assert_rel_close(AB @ v64, v64 * w64[..., None, :], rtol=1e-4, what="A B v = w v")
+    assert_rel_close(np.linalg.norm(v64, axis=-2), np.ones((*LEAD, k)), what="unit vectors")
+    np.testing.assert_array_equal(w, M.eig()[0])
+
+
+def test_low_rank_approx_is_truncated_svd():
+    A, B = random_factors(np.random.default_rng(15), LEAD, 20, 8, 25)
+    approx = low_rank_approx(FactoredMatrix(A, B), 3)
+    assert isinstance(approx, FactoredMatrix) and approx.mdim == 3
+    U, S, Vh = np.linalg.svd(dense(A, B), full_matrices=False)
+    assert_rel_close(approx.AB, reconstruct(U[..., :3], S[..., :3], Vh[..., :3, :]))
+    dense_approx = low_rank_approx(jnp.asarray(dense(A, B), jnp.float32), 3)
+    assert_rel_close(dense_approx.AB, approx.AB)
+
+
+@pytest.mark.parametrize("k", [0, 9, 2.0, True])
+def test_low_rank_approx_bad_k(k):
+    A, B = random_factors(np.random.default_rng(15), (), 20, 8, 25)
+    with pytest.raises(ValueError, match=r"k must be an integer in 1\.\.8.*\(20, 25\)"):
+        low_rank_approx(FactoredMatrix(A, B), k)
+
+
+# ---------------------------------------------------------- dense-array inputs
+def test_dense_inputs_match_numpy():
+    x = np.random.default_rng(16).standard_normal((3, 7, 7)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    U, S, Vh = svd(jnp.asarray(x))
+    assert_rel_close(reconstruct(U, S, Vh), x64)
+    assert_rel_close(svdvals(x), np.linalg.svd(x64, compute_uv=False))
+    ev = np.linalg.eigvals(x64)
+    assert_rel_close(match_multiset(eigvals(x), ev), ev)
+    assert_rel_close(match_multiset(eig(x)[0], ev), ev)
+    assert_rel_close(norm(x), np.linalg.norm(x64, axis=(-2, -1)))
+    assert_rel_close(trace(x), np.trace(x64, axis1=-2, axis2=-1))
+
+
+# ------------------------------------------------------------ half precision
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_computes_in_float32(dtype):
+    A, B = random_factors(np.random.default_rng(17), (2,), 16, 4, 16)
+    M = FactoredMatrix(jnp.asarray(A, dtype), jnp.asarray(B, dtype))
+    A64, B64 = np.asarray(M.A, np.float64), np.asarray(M.B, np.float64)  # the rounded inputs
+    AB = A64 @ B64
+    S = svdvals(M)
+    assert S.dtype == jnp.float32
+    assert_rel_close(S, np.linalg.svd(AB, compute_uv=False)[..., :4])
+    ev = eigvals(M)
+    assert ev.dtype == jnp.complex64
+    expected = np.linalg.eigvals(B64 @ A64)
+    assert_rel_close(match_multiset(ev, expected), expected)
+    assert norm(M).dtype == jnp.float32
+    assert_rel_close(norm(M), np.linalg.norm(AB, axis=(-2, -1)))
+    assert svd(M)[0].dtype == jnp.float32 and eig(M)[1].dtype == jnp.complex64
+
+
+# ----------------------------------------------------------- property tests
+@st.composite
+def factor_shapes(draw):
+    l, r = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    m = draw(st.integers(1, 16))  # m > min(l, r) included
+    rank = draw(st.integers(1, m))  # rank-deficient factors included
+    seed = draw(st.integers(0, 2**31 - 1))
+    return l, m, r, rank, seed
+
+
+def _low_rank_factors(l, m, r, rank, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((l, rank)) @ rng.standard_normal((rank, m))
+    B = rng.standard_normal((m, r))
+    return A.astype(np.float32), B.astype(np.float32)
+
+
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@PROPERTY_SETTINGS
+@given(factor_shapes())
+def test_property_svd(shape):
+    A, B = _low_rank_factors(*shape)
+    U, S, Vh = (np.asarray(x, np.float64) for x in svd(FactoredMatrix(A, B)))
+    AB = dense(A, B)
+    k = min(A.shape[0], A.shape[1], B.shape[1])
+    assert U.shape == (A.shape[0], k) and S.shape == (k,) and Vh.shape == (k, B.shape[1])
+    assert np.all(np.diff(S) <= 1e-6 * S[0]) and np.all(S >= 0)
+    assert_rel_close(reconstruct(U, S, Vh), AB, what="U S Vh == AB")
+    assert_rel_close(U.T @ U, np.eye(k), what="U orthonormal")
+    assert_rel_close(Vh @ Vh.T, np.eye(k), what="Vh orthonormal")
+    assert_rel_close(S, np.linalg.svd(AB, compute_uv=False)[:k], what="S")
+
+
+@PROPERTY_SETTINGS
+@given(factor_shapes())
+def test_property_norm(shape):
+    A, B = _low_rank_factors(*shape)
+    assert_rel_close(norm(FactoredMatrix(A, B)), np.linalg.norm(dense(A, B)))
+
+
+@PROPERTY_SETTINGS
+@given(factor_shapes())
+def test_property_eigvals(shape):
+    l, m, _, rank, seed = shape
+    A, B = _low_rank_factors(l, m, l, rank, seed)
+    ours = np.asarray(eigvals(FactoredMatrix(A, B)), np.complex128)
+    assert ours.shape == (min(l, m),)
+    full = np.linalg.eigvals(dense(A, B))  # l eigenvalues; ours holds the nonzero ones + zeros
+    padded = np.concatenate([ours, np.zeros(l - ours.shape[0])])
+    scale = np.linalg.norm(dense(A, B), 2)
+    # Products of random factors have well-conditioned (semisimple) spectra, zeros included.
+    assert np.max(np.abs(match_multiset(padded, full) - full), initial=0) <= 1e-3 * scale
+
+
+# ------------------------------------------------------------ jit and vmap
+FUNCTIONS = {
+    "svd": svd,
+    "svdvals": svdvals,
+    "eigvals": eigvals,
+    "eig": eig,
+    "norm": norm,
+    "trace": trace,
+    "low_rank_approx": lambda M: low_rank_approx(M, 2).AB,
+    "collapse_l": lambda M: M.collapse_l(),
+    "collapse_r": lambda M: M.collapse_r(),
+    "make_even": lambda M: M.make_even().AB,
+    "get_corner": lambda M: M.get_corner(2),
+}
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_jit_matches_eager(name):
+    A, B = random_factors(np.random.default_rng(18), LEAD, 9, 4, 9)
+    M = FactoredMatrix(A, B)
+    fn = FUNCTIONS[name]
+    eager, jitted = fn(M), jax.jit(fn)(M)
+    for e, j in zip(
+        jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted), strict=True
+    ):
+        assert_rel_close(j, e, rtol=1e-5, what=name)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_vmap_matches_batched(name, axis):
+    A, B = random_factors(np.random.default_rng(19), LEAD, 9, 4, 9)
+    M = FactoredMatrix(A, B)
+    fn = FUNCTIONS[name]
+    batched = fn(M)
+    mapped = jax.vmap(fn, in_axes=axis, out_axes=axis)(M)
+    for b, v in zip(
+        jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(mapped), strict=True
+    ):
+        if name == "get_corner":  # the corner also slices leading axes
+            b = np.asarray(fn(M.broadcast()))
+            v = np.asarray(v)[:2, :2]
+        assert_rel_close(v, b, rtol=1e-5, what=name)
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("fn", [norm, svdvals], ids=["norm", "svdvals"])
+def test_grad_matches_finite_differences(fn):
+    rng = np.random.default_rng(20)
+    with jax.enable_x64(True):
+        A = jnp.asarray(rng.standard_normal((2, 7, 3)))
+        B = jnp.asarray(rng.standard_normal((2, 3, 6)))
+        weights = jnp.asarray(rng.standard_normal((2, 3)) if fn is svdvals else rng.random(2))
+
+        def loss(A, B):
+            return jnp.sum(weights * fn(FactoredMatrix(A, B)))
+
+        check_grads(loss, (A, B), order=1, modes=("rev", "fwd"), atol=1e-6, rtol=1e-6)
+        grad_A = jax.grad(loss)(A, B)
+        assert grad_A.shape == A.shape and grad_A.dtype == jnp.float64
+
+
+def test_grad_of_norm_wrt_factored_matrix():
+    A, B = random_factors(np.random.default_rng(21), (), 6, 2, 5)
+    g = jax.grad(lambda M: norm(M))(FactoredMatrix(A, B))
+    AB = dense(A, B)
+    expected = (AB / np.linalg.norm(AB)) @ np.asarray(B, np.float64).T  # d||AB||/dA
+    assert isinstance(g, FactoredMatrix)
+    assert_rel_close(g.A, expected)
+
+
+# --------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("fn", [svd, svdvals, eigvals, eig, norm, trace])
+def test_bad_dense_inputs(fn):
+    with pytest.raises(TypeError, match=rf"{fn.__name__}: expected a real floating.*int32"):
+        fn(jnp.ones((3, 3), jnp.int32))
+    with pytest.raises(TypeError, match=rf"{fn.__name__}: expected a real floating.*complex64"):
+        fn(jnp.ones((3, 3), jnp.complex64))
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: expected a matrix.*\(3,\)"):
+        fn(jnp.ones((3,)))
+    with pytest.raises(TypeError, match=rf"{fn.__name__}: expected a FactoredMatrix or an array"):
+        fn([[1.0, 2.0], [3.0, 4.0]])
+
+
+@pytest.mark.parametrize("fn", [eigvals, eig, trace])
+def test_square_only_functions_reject_rectangles(fn):
+    with pytest.raises(ValueError, match=rf"{fn.__name__} needs a square matrix.*\(2, 5, 4\)"):
+        fn(FactoredMatrix(jnp.ones((2, 5, 3)), jnp.ones((2, 3, 4))))
+    with pytest.raises(ValueError, match=rf"{fn.__name__} needs a square matrix.*\(5, 4\)"):
+        fn(jnp.ones((5, 4)))
+
+
+def test_public_api_is_explicit():
+    assert set(lowrank.__all__) >= {"FactoredMatrix", "svd", "eigvals", "norm", "low_rank_approx"}
+
+
+# -------------------------------------------------------------- platform pitfall
+DEADLOCK_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, jax, jax.numpy as jnp, lowrank
+    rng = np.random.default_rng(0)
+    A = jnp.asarray(rng.standard_normal((12, 12, 768, 64)).astype(np.float32) / 30)
+    B = jnp.asarray(rng.standard_normal((12, 12, 64, 768)).astype(np.float32) / 30)
+    M = lowrank.FactoredMatrix(A, B)
+    for fn in (lowrank.svd, lowrank.svdvals, lambda M: M.make_even().A):
+        jax.block_until_ready(jax.jit(fn)(M))
+    print("ok")
+    """
+)
+
+
+def test_svd_path_cannot_deadlock_on_two_cores():
+    """Batched QRs of A and B^T used to run concurrently and hang jaxlib's CPU LAPACK kernels."""
+    result = subprocess.run(
+        [sys.executable, "-c", DEADLOCK_SCRIPT], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
