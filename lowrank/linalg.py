@@ -80,27 +80,87 @@ def _require_square(shape: tuple[int, ...], fn: str) -> None:
         raise ValueError(f"{fn} needs a square matrix (l == r), got shape {tuple(shape)}")
 
 
-def _after(x: Array, *deps: Array) -> Array:
-    """``x``, made data-dependent on ``deps`` so XLA cannot compute it before them.
+class _Serial:
+    """Runs LAPACK-backed operations one after another by threading a data dependency.
 
-    jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block on it;
-    two such calls running at once on a 2-core machine can deadlock (see DESIGN.md). Chaining
-    each decomposition's input to the previous one's outputs makes them run one at a time.
-    An ``optimization_barrier`` does not do this: it aliases buffers and adds no dependency.
+    jaxlib's CPU LAPACK kernels (qr, svd, eig, eigh, potrf, trsm) split a batch over XLA's
+    intra-op thread pool and block on it; two such calls running at once on a 2-core machine
+    can deadlock (see DESIGN.md). Each call made through ``_Serial`` takes an input that depends
+    on the previous call's outputs, so XLA cannot overlap them. ``optimization_barrier`` does
+    not do this: it aliases buffers and adds no dependency.
     """
-    tie = sum(jnp.reshape(d, (-1,))[0].astype(x.dtype) for d in deps)
-    return x + 0 * tie
+
+    def __init__(self) -> None:
+        self._last: list[Array] = []
+
+    def __call__(self, fn: Callable[..., Any], x: Array, *args: Any, **kwargs: Any) -> Any:
+        if self._last:
+            # 0 * isnan(...) is an exact zero (NaN inputs must not poison later calls) that XLA
+            # cannot fold away, so ``x`` now depends on the previous outputs.
+            tie = sum(jnp.isnan(jnp.reshape(d, (-1,))[0]).astype(x.dtype) for d in self._last)
+            x = x + 0 * tie
+        out = fn(x, *args, **kwargs)
+        self._last = [leaf for leaf in jax.tree_util.tree_leaves(out) if leaf.size]
+        return out
 
 
-def _core_qr(M: FactoredMatrix, with_q: bool) -> tuple[Any, Any, Array]:
-    """QR of ``A`` and ``B^T`` (one after the other) and the core ``Ra @ Rb^T``."""
+def _tri_solve(L: Array, rhs: Array, *, lower: bool) -> Array:
+    return jax.scipy.linalg.solve_triangular(L, rhs, lower=lower)
+
+
+def _stack_factors(M: FactoredMatrix, a: Array, b: Array) -> Array:
+    """``[2, *batch, ...]``: per-factor ``m x m`` arrays of ``A`` and ``B^T`` in one batch."""
+    lead = M.batch_shape
+    return jnp.stack([jnp.broadcast_to(x, (*lead, *x.shape[-2:])) for x in (a, b)])
+
+
+def _factor_cholesky(run: _Serial, M: FactoredMatrix) -> tuple[Array, Array]:
+    """Lower ``L [2, *batch, m, m]`` with ``A^T A = L[0] L[0]^T``, ``B B^T = L[1] L[1]^T``.
+
+    ``L[0]^T`` and ``L[1]^T`` are R factors of ``A`` and ``B^T``, accurate to about
+    ``eps * cond`` relative to their norm. Also returns ``[*batch]`` conditioning estimates
+    ``max diag(L) / min diag(L)`` (a lower bound on ``cond``; inf or NaN when a factor is
+    numerically rank deficient).
+    """
+    gram = _stack_factors(M, _mm(_mT(M.A), M.A), _mm(M.B, _mT(M.B)))
+    L = run(jnp.linalg.cholesky, gram)
+    pivots = jnp.abs(jnp.diagonal(L, axis1=-2, axis2=-1))
+    cond = jnp.max(pivots, axis=-1) / jnp.min(pivots, axis=-1)
+    return L, jnp.max(cond, axis=0)
+
+
+def _qr_core(run: _Serial, M: FactoredMatrix, with_q: bool) -> tuple[Any, Any, Array]:
+    """Householder QR of ``A`` and ``B^T`` and the core ``Ra @ Rb^T`` (the robust path)."""
     if with_q:
-        Qa, Ra = jnp.linalg.qr(M.A)
-        Qb, Rb = jnp.linalg.qr(_after(_mT(M.B), Qa, Ra))
-        return Qa, Qb, _after(_mm(Ra, _mT(Rb)), Qb)
-    Ra = jnp.linalg.qr(M.A, mode="r")
-    Rb = jnp.linalg.qr(_after(_mT(M.B), Ra), mode="r")
+        Qa, Ra = run(jnp.linalg.qr, M.A)
+        Qb, Rb = run(jnp.linalg.qr, _mT(M.B))
+        return Qa, Qb, _mm(Ra, _mT(Rb))
+    Ra = run(jnp.linalg.qr, M.A, mode="r")
+    Rb = run(jnp.linalg.qr, _mT(M.B), mode="r")
     return None, None, _mm(Ra, _mT(Rb))
+
+
+def _gram_path_applies(M: FactoredMatrix) -> bool:
+    """Cholesky of the factors' Gram matrices needs ``m <= l`` and ``m <= r``."""
+    return M.mdim <= min(M.ldim, M.rdim)
+
+
+def _with_fallback(run: _Serial, fast: Any, error: Array, limit: float, slow: Callable) -> Any:
+    """``fast`` if every ``error`` is finite and at most ``limit``, else ``slow()`` for the batch.
+
+    ``slow`` runs only when needed; under ``vmap`` the ``cond`` becomes a ``select`` that
+    evaluates both, and ``run`` keeps the decompositions of ``slow`` after those of ``fast``.
+    """
+    ok = jnp.all(jnp.isfinite(error) & (error <= limit))
+    run._last = [leaf for leaf in jax.tree_util.tree_leaves(fast) if leaf.size]
+    return jax.lax.cond(ok, lambda: fast, slow)
+
+
+# Limits above which the fast paths defer to Householder QR. Singular values from Cholesky
+# R factors are accurate to ~eps * cond * max(S): cond <= 1e3 keeps that below 1e-4 in float32.
+# Cholesky QR2 is accurate when its first pass is orthogonal to better than ~0.5.
+_SVDVALS_MAX_COND = 1e3
+_SVD_MAX_DEFECT = 0.5
 
 
 def _dense_svd(x: Array) -> tuple[Array, Array, Array]:
@@ -111,14 +171,37 @@ def _dense_svd(x: Array) -> tuple[Array, Array, Array]:
 def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
     """Thin SVD ``A @ B == U @ diag(S) @ Vh``, computed from the factors.
 
+    The factors are orthogonalised (Cholesky QR2, or Householder QR when a factor is too
+    ill-conditioned for it) and the ``m x m`` core ``Ra @ Rb^T`` is decomposed; ``A @ B`` is
+    never formed.
+
     Returns:
         ``U: [..., l, k]``, ``S: [..., k]`` (descending), ``Vh: [..., k, r]`` with
         ``k = min(l, m, r)``. ``Vh`` holds the right singular vectors as rows; the
         TransformerLens-style ``V`` (columns) is ``FactoredMatrix.V``.
     """
-    Qa, Qb, core = _core_qr(M, with_q=True)
-    Uc, S, Vhc = jnp.linalg.svd(core, full_matrices=False)
-    return _mm(Qa, Uc), S, _mm(Vhc, _mT(Qb))
+    run = _Serial()
+
+    def householder() -> tuple[Array, Array, Array]:
+        Qa, Qb, core = _qr_core(run, M, with_q=True)
+        Uc, S, Vhc = run(jnp.linalg.svd, core, full_matrices=False)
+        return _mm(Qa, Uc), S, _mm(Vhc, _mT(Qb))
+
+    if not _gram_path_applies(M):
+        return householder()
+    L1, _ = _factor_cholesky(run, M)
+    eye = jnp.broadcast_to(jnp.eye(M.mdim, dtype=L1.dtype), L1.shape)
+    # x L1^-T as a GEMM with the small inverse: much faster than a triangular solve on x.
+    L1_inv = _mT(run(_tri_solve, L1, eye, lower=True))
+    Q1a, Q1b = _mm(M.A, L1_inv[0]), _mm(_mT(M.B), L1_inv[1])
+    gram2 = _stack_factors(M, _mm(_mT(Q1a), Q1a), _mm(_mT(Q1b), Q1b))
+    L2 = run(jnp.linalg.cholesky, gram2)
+    R = _mT(_mm(L1, L2))  # A = (Q1a L2a^-T) R[0],  B^T = (Q1b L2b^-T) R[1]
+    Uc, S, Vhc = run(jnp.linalg.svd, _mm(R[0], _mT(R[1])), full_matrices=False)
+    rotations = run(_tri_solve, _mT(L2), jnp.stack([Uc, _mT(Vhc)]), lower=False)
+    U, Vh = _mm(Q1a, rotations[0]), _mT(_mm(Q1b, rotations[1]))
+    defect = jnp.max(jnp.abs(gram2 - eye), axis=(-2, -1))
+    return _with_fallback(run, (U, S, Vh), defect, _SVD_MAX_DEFECT, householder)
 
 
 def _dense_svdvals(x: Array) -> Array:
@@ -127,9 +210,22 @@ def _dense_svdvals(x: Array) -> Array:
 
 @_dispatch(_dense_svdvals)
 def svdvals(M: FactoredMatrix) -> Array:
-    """Singular values ``[..., min(l, m, r)]`` in descending order."""
-    _, _, core = _core_qr(M, with_q=False)
-    return jnp.linalg.svd(core, compute_uv=False)
+    """Singular values ``[..., min(l, m, r)]`` in descending order.
+
+    Computed from the Cholesky factors of the Gram matrices ``A^T A`` and ``B B^T`` (``m x m``,
+    matmul-fast) when both factors are well conditioned, else from Householder QR.
+    """
+    run = _Serial()
+
+    def householder() -> Array:
+        _, _, core = _qr_core(run, M, with_q=False)
+        return run(jnp.linalg.svd, core, compute_uv=False)
+
+    if not _gram_path_applies(M):
+        return householder()
+    L, cond = _factor_cholesky(run, M)
+    S = run(jnp.linalg.svd, _mm(_mT(L[0]), L[1]), compute_uv=False)
+    return _with_fallback(run, S, cond, _SVDVALS_MAX_COND, householder)
 
 
 def _dense_eigvals(x: Array) -> Array:

@@ -239,6 +239,31 @@ def test_property_eigvals(shape):
     assert np.max(np.abs(match_multiset(padded, full) - full), initial=0) <= 1e-3 * scale
 
 
+# ------------------------------------------------- fast path and its fallback
+def _ill_conditioned_batch():
+    """Four [12, 4] @ [4, 10] products; in element 2, two columns of A nearly coincide."""
+    A, B = random_factors(np.random.default_rng(22), (4,), 12, 4, 10)
+    A[2, :, 1] = A[2, :, 0] + 1e-5 * A[2, :, 1]
+    return A, B
+
+
+def test_ill_conditioned_factors_fall_back_to_householder_qr():
+    from lowrank.linalg import _SVDVALS_MAX_COND, _factor_cholesky, _Serial
+
+    A, B = _ill_conditioned_batch()
+    M = FactoredMatrix(A, B)
+    _, cond = jax.jit(lambda M: _factor_cholesky(_Serial(), M))(M)
+    assert not cond[2] <= _SVDVALS_MAX_COND and np.all(np.asarray(cond)[[0, 1, 3]] < 100)
+    AB = dense(A, B)
+    U_np, S_np, Vh_np = np.linalg.svd(AB, full_matrices=False)
+    for transform in (lambda f: f, jax.jit, jax.vmap):
+        assert_rel_close(transform(svdvals)(M), S_np[..., :4], what="svdvals")
+        U, S, Vh = transform(svd)(M)
+        assert_rel_close(reconstruct(U, S, Vh), AB, what="svd")
+        U64 = np.asarray(U, np.float64)
+        assert_rel_close(np.swapaxes(U64, -1, -2) @ U64, np.broadcast_to(np.eye(4), (4, 4, 4)))
+
+
 # ------------------------------------------------------------ jit and vmap
 FUNCTIONS = {
     "svd": svd,
@@ -343,15 +368,16 @@ DEADLOCK_SCRIPT = textwrap.dedent(
     A = jnp.asarray(rng.standard_normal((12, 12, 768, 64)).astype(np.float32) / 30)
     B = jnp.asarray(rng.standard_normal((12, 12, 64, 768)).astype(np.float32) / 30)
     M = lowrank.FactoredMatrix(A, B)
-    for fn in (lowrank.svd, lowrank.svdvals, lambda M: M.make_even().A):
+    for fn in (lowrank.svd, lowrank.svdvals, lambda M: M.make_even().A, lowrank.eig):
         jax.block_until_ready(jax.jit(fn)(M))
+        jax.block_until_ready(jax.jit(jax.vmap(fn))(M))  # the fallback's cond becomes a select
     print("ok")
     """
 )
 
 
 def test_svd_path_cannot_deadlock_on_two_cores():
-    """Batched QRs of A and B^T used to run concurrently and hang jaxlib's CPU LAPACK kernels."""
+    """Independent batched LAPACK calls in one program can hang jaxlib's CPU kernels."""
     result = subprocess.run(
         [sys.executable, "-c", DEADLOCK_SCRIPT], capture_output=True, text=True, timeout=240
     )
