@@ -52,7 +52,9 @@ def _save_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(_WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
         unk_token="[UNK]",
     ).save_pretrained(path)
 
@@ -64,8 +66,15 @@ def build_gpt2(path: Path, seed: int = 0, **overrides: Any) -> Any:
 
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = dict(
-        n_layer=3, n_head=4, n_embd=32, vocab_size=101, n_positions=24,
-        initializer_range=0.2, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+        n_layer=3,
+        n_head=4,
+        n_embd=32,
+        vocab_size=101,
+        n_positions=24,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
     )
     kwargs.update(overrides)
     model = GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
@@ -81,9 +90,16 @@ def build_gpt_neo(path: Path, seed: int = 1, **overrides: Any) -> Any:
 
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = dict(
-        num_layers=4, num_heads=4, hidden_size=32, vocab_size=101,
-        max_position_embeddings=24, attention_types=[[["global", "local"], 2]],
-        window_size=5, initializer_range=0.2, bos_token_id=0, eos_token_id=0,
+        num_layers=4,
+        num_heads=4,
+        hidden_size=32,
+        vocab_size=101,
+        max_position_embeddings=24,
+        attention_types=[[["global", "local"], 2]],
+        window_size=5,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
         attn_implementation="eager",
     )
     kwargs.update(overrides)
@@ -137,21 +153,39 @@ def tl_config(ckpt: Checkpoint) -> Any:
     c = ckpt.hf_model.config
     if ckpt.family == "gpt2":
         d = dict(
-            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-            d_mlp=4 * c.n_embd, n_layers=c.n_layer, n_ctx=c.n_positions,
-            eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, act_fn=c.activation_function,
-            use_attn_scale=c.scale_attn_weights, use_local_attn=False,
+            d_model=c.n_embd,
+            d_head=c.n_embd // c.n_head,
+            n_heads=c.n_head,
+            d_mlp=4 * c.n_embd,
+            n_layers=c.n_layer,
+            n_ctx=c.n_positions,
+            eps=c.layer_norm_epsilon,
+            d_vocab=c.vocab_size,
+            act_fn=c.activation_function,
+            use_attn_scale=c.scale_attn_weights,
+            use_local_attn=False,
             scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
-            normalization_type="LN", original_architecture="GPT2LMHeadModel",
+            normalization_type="LN",
+            original_architecture="GPT2LMHeadModel",
         )
     else:
         d = dict(
-            d_model=c.hidden_size, d_head=c.hidden_size // c.num_heads, n_heads=c.num_heads,
-            d_mlp=4 * c.hidden_size, n_layers=c.num_layers, n_ctx=c.max_position_embeddings,
-            eps=c.layer_norm_epsilon, d_vocab=c.vocab_size, attn_types=c.attention_layers,
-            act_fn=c.activation_function, use_attn_scale=False, use_local_attn=True,
-            window_size=c.window_size, scale_attn_by_inverse_layer_idx=False,
-            normalization_type="LN", original_architecture="GPTNeoForCausalLM",
+            d_model=c.hidden_size,
+            d_head=c.hidden_size // c.num_heads,
+            n_heads=c.num_heads,
+            d_mlp=4 * c.hidden_size,
+            n_layers=c.num_layers,
+            n_ctx=c.max_position_embeddings,
+            eps=c.layer_norm_epsilon,
+            d_vocab=c.vocab_size,
+            attn_types=c.attention_layers,
+            act_fn=c.activation_function,
+            use_attn_scale=False,
+            use_local_attn=True,
+            window_size=c.window_size,
+            scale_attn_by_inverse_layer_idx=False,
+            normalization_type="LN",
+            original_architecture="GPTNeoForCausalLM",
         )
     return HookedTransformerConfig(**d, device="cpu", default_prepend_bos=False)
 
@@ -164,11 +198,22 @@ def tl_model() -> Any:
 
     built: dict[tuple[Any, ...], Any] = {}
 
-    def make(ckpt: Checkpoint, fold_ln: bool = True, center_writing_weights: bool = True,
-             center_unembed: bool = True, fold_value_biases: bool = True,
-             refactor: bool = False) -> Any:
-        key = (ckpt.family, fold_ln, center_writing_weights, center_unembed,
-               fold_value_biases, refactor)
+    def make(
+        ckpt: Checkpoint,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor: bool = False,
+    ) -> Any:
+        key = (
+            ckpt.family,
+            fold_ln,
+            center_writing_weights,
+            center_unembed,
+            fold_value_biases,
+            refactor,
+        )
         if key not in built:
             import torch
             from transformer_lens import HookedTransformer
@@ -182,8 +227,11 @@ def tl_model() -> Any:
                 state_dict = {k: v.clone() for k, v in convert(ckpt.hf_model, cfg).items()}
                 model = HookedTransformer(cfg)
                 model.load_and_process_state_dict(
-                    state_dict, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                    state_dict,
+                    fold_ln=fold_ln,
+                    center_writing_weights=center_writing_weights,
+                    center_unembed=center_unembed,
+                    fold_value_biases=fold_value_biases,
                     refactor_factored_attn_matrices=refactor,
                 )
             built[key] = model.eval()
@@ -205,23 +253,39 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def canonical_shapes(
-    n_layers: int, n_heads: int, d_model: int, d_head: int, d_mlp: int, d_vocab: int,
+    n_layers: int,
+    n_heads: int,
+    d_model: int,
+    d_head: int,
+    d_mlp: int,
+    d_vocab: int,
     n_ctx: int,
 ) -> dict[str, tuple[int, ...]]:
     """The documented tree layout, written out independently of lowrank's code."""
     L, H, d, dh, m, V = n_layers, n_heads, d_model, d_head, d_mlp, d_vocab
     return {
-        "embed.W_E": (V, d), "pos_embed.W_pos": (n_ctx, d),
-        "blocks.ln1.w": (L, d), "blocks.ln1.b": (L, d),
-        "blocks.attn.W_Q": (L, H, d, dh), "blocks.attn.W_K": (L, H, d, dh),
-        "blocks.attn.W_V": (L, H, d, dh), "blocks.attn.W_O": (L, H, dh, d),
-        "blocks.attn.b_Q": (L, H, dh), "blocks.attn.b_K": (L, H, dh),
-        "blocks.attn.b_V": (L, H, dh), "blocks.attn.b_O": (L, d),
-        "blocks.ln2.w": (L, d), "blocks.ln2.b": (L, d),
-        "blocks.mlp.W_in": (L, d, m), "blocks.mlp.b_in": (L, m),
-        "blocks.mlp.W_out": (L, m, d), "blocks.mlp.b_out": (L, d),
-        "ln_final.w": (d,), "ln_final.b": (d,),
-        "unembed.W_U": (d, V), "unembed.b_U": (V,),
+        "embed.W_E": (V, d),
+        "pos_embed.W_pos": (n_ctx, d),
+        "blocks.ln1.w": (L, d),
+        "blocks.ln1.b": (L, d),
+        "blocks.attn.W_Q": (L, H, d, dh),
+        "blocks.attn.W_K": (L, H, d, dh),
+        "blocks.attn.W_V": (L, H, d, dh),
+        "blocks.attn.W_O": (L, H, dh, d),
+        "blocks.attn.b_Q": (L, H, dh),
+        "blocks.attn.b_K": (L, H, dh),
+        "blocks.attn.b_V": (L, H, dh),
+        "blocks.attn.b_O": (L, d),
+        "blocks.ln2.w": (L, d),
+        "blocks.ln2.b": (L, d),
+        "blocks.mlp.W_in": (L, d, m),
+        "blocks.mlp.b_in": (L, m),
+        "blocks.mlp.W_out": (L, m, d),
+        "blocks.mlp.b_out": (L, d),
+        "ln_final.w": (d,),
+        "ln_final.b": (d,),
+        "unembed.W_U": (d, V),
+        "unembed.b_U": (V,),
     }
 
 
@@ -238,9 +302,7 @@ def tl_stacked(tl_model: Any) -> dict[str, np.ndarray]:
         if rest.endswith(("mask", "IGNORE")):
             continue
         if layer == "0":
-            out["blocks." + rest] = np.stack(
-                [sd[f"blocks.{i}.{rest}"] for i in range(n_layers)]
-            )
+            out["blocks." + rest] = np.stack([sd[f"blocks.{i}.{rest}"] for i in range(n_layers)])
     return out
 
 
@@ -263,15 +325,25 @@ def published_config(name: str) -> dict:
     """The config.json dict of a published GPT-2 / GPT-Neo model."""
     if name in GPT2_FAMILY:
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05,
-            "n_ctx": 1024, "n_positions": 1024, "vocab_size": 50257, **GPT2_FAMILY[name],
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-05,
+            "n_ctx": 1024,
+            "n_positions": 1024,
+            "vocab_size": 50257,
+            **GPT2_FAMILY[name],
         }
     p = GPT_NEO_FAMILY[name]
     return {
-        "architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo",
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05,
+        "architectures": ["GPTNeoForCausalLM"],
+        "model_type": "gpt_neo",
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-05,
         "attention_types": [[["global", "local"], p["num_layers"] // 2]],
-        "max_position_embeddings": 2048, "window_size": 256, "vocab_size": 50257,
-        "intermediate_size": None, **p,
+        "max_position_embeddings": 2048,
+        "window_size": 256,
+        "vocab_size": 50257,
+        "intermediate_size": None,
+        **p,
     }

@@ -1,6 +1,6 @@
 """Helpers shared by the per-family state-dict converters (``gpt2.py``, ``gpt_neo.py``).
 
-A converter declares the HF keys it expects with their shapes; :class:`Checkpoint` checks
+A converter declares the HF keys it expects with their shapes; :class:`StateDictReader` checks
 that the state dict has exactly those keys (less known buffers), reads one tensor at a time,
 checks its shape and casts it. Layer-stacked outputs are filled one layer at a time, so
 converting never holds more than the output plus one input tensor (for NumPy input).
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Checkpoint", "CheckpointError", "Params", "stack_layers", "transpose", "zeros"]
+__all__ = ["StateDictReader", "CheckpointError", "Params", "stack_layers", "transpose", "zeros"]
 
 #: The canonical parameter tree: nested dicts of arrays (see ``lowrank.models``).
 Params = dict[str, Any]
@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
     """A checkpoint file or state dict is missing, unreadable or does not fit the config."""
 
 
-class Checkpoint:
+class StateDictReader:
     """Validated, key-normalised view of an HF state dict for one converter.
 
     Args:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from lowrank.models._common import Checkpoint, Params, stack_layers, transpose, zeros
+from lowrank.models._common import Params, StateDictReader, stack_layers, transpose, zeros
 from lowrank.models.config import ModelConfig
 
 __all__ = ["convert_gpt2_state_dict", "gpt2_state_dict_shapes"]
@@ -70,12 +70,10 @@ def convert_gpt2_state_dict(
         CheckpointError: an unexpected, missing or mis-shaped key.
     """
     if config.family != "gpt2":
-        raise ValueError(
-            f"convert_gpt2_state_dict: config is for {config.architecture}, not GPT-2"
-        )
+        raise ValueError(f"convert_gpt2_state_dict: config is for {config.architecture}, not GPT-2")
     L, H, d, dh = config.n_layers, config.n_heads, config.d_model, config.d_head
     hd = H * dh
-    ck = Checkpoint(
+    ck = StateDictReader(
         state_dict,
         expected=gpt2_state_dict_shapes(config),
         optional={"lm_head.weight": (config.d_vocab, d)},

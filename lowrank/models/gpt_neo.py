@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from lowrank.models._common import Checkpoint, Params, stack_layers, transpose, zeros
+from lowrank.models._common import Params, StateDictReader, stack_layers, transpose, zeros
 from lowrank.models.config import ModelConfig
 
 __all__ = ["convert_gpt_neo_state_dict", "gpt_neo_state_dict_shapes"]
@@ -70,7 +70,7 @@ def convert_gpt_neo_state_dict(
             f"convert_gpt_neo_state_dict: config is for {config.architecture}, not GPT-Neo"
         )
     L, H, d, dh = config.n_layers, config.n_heads, config.d_model, config.d_head
-    ck = Checkpoint(
+    ck = StateDictReader(
         state_dict,
         expected=gpt_neo_state_dict_shapes(config),
         optional={"lm_head.weight": (config.d_vocab, d)},

@@ -146,8 +146,7 @@ class TransformerModel:
             bos = tok.bos_token_id
             if bos is None:
                 raise ValueError(
-                    f"TransformerModel.{fn}: the tokenizer has no BOS token; pass "
-                    "prepend_bos=False"
+                    f"TransformerModel.{fn}: the tokenizer has no BOS token; pass prepend_bos=False"
                 )
             ids = [int(bos), *ids]
         return ids

@@ -146,9 +146,7 @@ def fold_layer_norm(params: Params, *, center_weights: bool = True) -> Params:
         W = _get(params, f"blocks.attn.W_{x}", fn)  # [L, H, d, dh]
         b = _get(params, f"blocks.attn.b_{x}", fn)  # [L, H, dh]
         updates[f"blocks.attn.b_{x}"] = b + _einsum("lhde,ld->lhe", W, b1)
-        updates[f"blocks.attn.W_{x}"] = _scale_centre(
-            W, w1[:, None, :, None], -2, center_weights
-        )
+        updates[f"blocks.attn.W_{x}"] = _scale_centre(W, w1[:, None, :, None], -2, center_weights)
 
     w2, b2 = _get(params, "blocks.ln2.w", fn), _get(params, "blocks.ln2.b", fn)
     W_in = _get(params, "blocks.mlp.W_in", fn)  # [L, d, d_mlp]

@@ -22,14 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank.models._common import Params
-from lowrank.models.config import ACTIVATIONS, ModelConfig
+from lowrank.models.config import ModelConfig
 from lowrank.models.processing import is_layer_norm_folded
 
 __all__ = ["ACTIVATION_FNS", "Transformer", "forward", "init_params"]
 
 Array = jax.Array
 
-#: ``act_fn`` name -> function. ``gelu_new`` (GPT-2) is the tanh approximation.
+#: ``act_fn`` name -> function (the names of ``config.ACTIVATIONS``); ``gelu_new`` (GPT-2)
+#: is the tanh approximation.
 ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -39,7 +40,6 @@ ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-assert set(ACTIVATION_FNS) == set(ACTIVATIONS)
 
 _w_init = nn.initializers.normal(stddev=0.02)
 
@@ -227,6 +227,13 @@ def _check_tokens(tokens: Any, config: ModelConfig) -> Array:
         )
     if tokens.shape[-1] == 0:
         raise ValueError(f"forward: tokens has shape {tuple(tokens.shape)}, an empty sequence")
+    if not isinstance(tokens, jax.core.Tracer):  # concrete ids can be range-checked here
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= config.d_vocab:
+            raise ValueError(
+                f"forward: token ids must lie in [0, {config.d_vocab}) (d_vocab), got ids "
+                f"from {low} to {high}"
+            )
     return jnp.asarray(tokens)
 
 

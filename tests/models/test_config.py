@@ -6,7 +6,6 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import GPT2_FAMILY, GPT_NEO_FAMILY, published_config
 
 from lowrank.models import ModelConfig, config_from_hf
@@ -29,9 +28,7 @@ def test_published_gpt2_configs(name):
 def test_published_gpt_neo_configs(name):
     p = GPT_NEO_FAMILY[name]
     c = config_from_hf(published_config(name))
-    assert (c.n_layers, c.n_heads, c.d_model) == (
-        p["num_layers"], p["num_heads"], p["hidden_size"]
-    )
+    assert (c.n_layers, c.n_heads, c.d_model) == (p["num_layers"], p["num_heads"], p["hidden_size"])
     assert c.d_head == 128 if name != "gpt-neo-125M" else c.d_head == 64
     assert (c.d_mlp, c.n_ctx, c.window_size) == (4 * p["hidden_size"], 2048, 256)
     assert c.family == "gpt_neo" and not c.use_attn_scale
@@ -62,19 +59,33 @@ def test_hf_defaults_fill_missing_keys():
     """config.json files omit keys that equal HF's defaults."""
     c = config_from_hf({"model_type": "gpt2"})
     assert (c.n_layers, c.d_model, c.n_ctx, c.d_vocab, c.eps) == (12, 768, 1024, 50257, 1e-5)
-    neo = config_from_hf({"model_type": "gpt_neo", "num_layers": 2,
-                          "attention_types": [[["global", "local"], 1]]})
+    neo = config_from_hf(
+        {"model_type": "gpt_neo", "num_layers": 2, "attention_types": [[["global", "local"], 1]]}
+    )
     assert neo.architecture == "GPTNeoForCausalLM" and neo.window_size == 256
 
 
 def test_inner_sizes_and_scaling_flags():
-    c = config_from_hf({"model_type": "gpt2", "n_layer": 3, "n_inner": 100,
-                        "scale_attn_by_inverse_layer_idx": True, "tie_word_embeddings": False})
+    c = config_from_hf(
+        {
+            "model_type": "gpt2",
+            "n_layer": 3,
+            "n_inner": 100,
+            "scale_attn_by_inverse_layer_idx": True,
+            "tie_word_embeddings": False,
+        }
+    )
     assert c.d_mlp == 100 and not c.tie_word_embeddings
     assert c.attn_scales == (8.0, 16.0, 24.0)
     assert config_from_hf({"model_type": "gpt2", "scale_attn_weights": False}).attn_scales[0] == 1
-    neo = config_from_hf({"model_type": "gpt_neo", "intermediate_size": 77, "num_layers": 2,
-                          "attention_types": [[["local"], 2]]})
+    neo = config_from_hf(
+        {
+            "model_type": "gpt_neo",
+            "intermediate_size": 77,
+            "num_layers": 2,
+            "attention_types": [[["local"], 2]],
+        }
+    )
     assert neo.d_mlp == 77
 
 
@@ -90,8 +101,10 @@ def test_hashable_and_static_under_jit():
 @pytest.mark.parametrize(
     "cfg, match",
     [
-        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-         "unsupported architecture 'LlamaForCausalLM'.*GPT2LMHeadModel"),
+        (
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+            "unsupported architecture 'LlamaForCausalLM'.*GPT2LMHeadModel",
+        ),
         ({"model_type": "bert"}, "unsupported model type 'bert'"),
         ({"model_type": "gpt2", "n_embd": 30, "n_head": 4}, "not divisible"),
         ({"model_type": "gpt2", "activation_function": "tanhshrink"}, "act_fn 'tanhshrink'"),
@@ -125,7 +138,15 @@ def test_bad_sources(tmp_path):
     ],
 )
 def test_model_config_validation(kwargs, match):
-    base = dict(architecture="GPT2LMHeadModel", n_layers=2, n_heads=2, d_model=8, d_head=4,
-                d_mlp=32, d_vocab=11, n_ctx=16)
+    base = dict(
+        architecture="GPT2LMHeadModel",
+        n_layers=2,
+        n_heads=2,
+        d_model=8,
+        d_head=4,
+        d_mlp=32,
+        d_vocab=11,
+        n_ctx=16,
+    )
     with pytest.raises(ValueError, match=match):
         ModelConfig(**{**base, **kwargs})

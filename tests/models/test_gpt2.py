@@ -93,8 +93,11 @@ def test_dtype_cast(config, state_dict):
 
 def test_missing_key(config, state_dict):
     sd = {k: v for k, v in state_dict.items() if k != "transformer.h.2.mlp.c_fc.bias"}
-    with pytest.raises(CheckpointError, match=r"missing key 'h\.2\.mlp\.c_fc\.bias' "
-                       r"\(expected shape \(128,\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing key 'h\.2\.mlp\.c_fc\.bias' "
+        r"\(expected shape \(128,\)\)",
+    ):
         convert_gpt2_state_dict(sd, config)
 
 
@@ -110,8 +113,11 @@ def test_unexpected_key(config, state_dict):
 def test_wrong_shape(config, state_dict):
     sd = dict(state_dict)
     sd["transformer.h.1.attn.c_attn.weight"] = np.zeros((32, 48), np.float32)
-    with pytest.raises(CheckpointError, match=r"'transformer\.h\.1\.attn\.c_attn\.weight' has "
-                       r"shape \(32, 48\), expected \(32, 96\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'transformer\.h\.1\.attn\.c_attn\.weight' has "
+        r"shape \(32, 48\), expected \(32, 96\)",
+    ):
         convert_gpt2_state_dict(sd, config)
 
 
@@ -128,18 +134,30 @@ def test_wrong_family(gpt_neo_checkpoint, state_dict):
 
 def abstract_hf_gpt2(L: int, d: int, V: int, n_ctx: int) -> dict:
     """HF GPT-2 tensor shapes (Conv1D [in, out]), written out by hand."""
-    shapes = {"transformer.wte.weight": (V, d), "transformer.wpe.weight": (n_ctx, d),
-              "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
+    shapes = {
+        "transformer.wte.weight": (V, d),
+        "transformer.wpe.weight": (n_ctx, d),
+        "transformer.ln_f.weight": (d,),
+        "transformer.ln_f.bias": (d,),
+    }
     for i in range(L):
         p = f"transformer.h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, 4 * d), p + "mlp.c_fc.bias": (4 * d,),
-            p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                p + "attn.c_attn.weight": (d, 3 * d),
+                p + "attn.c_attn.bias": (3 * d,),
+                p + "attn.c_proj.weight": (d, d),
+                p + "attn.c_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (d, 4 * d),
+                p + "mlp.c_fc.bias": (4 * d,),
+                p + "mlp.c_proj.weight": (4 * d, d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        )
     return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
 
 

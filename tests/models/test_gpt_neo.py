@@ -77,16 +77,23 @@ def test_prefix_buffers_and_lm_head(config, state_dict):
 
 def test_errors(config, state_dict):
     sd = {k: v for k, v in state_dict.items() if "h.3.attn.attention.v_proj" not in k}
-    with pytest.raises(CheckpointError, match=r"missing key 'h\.3\.attn\.attention\.v_proj"
-                       r"\.weight' \(expected shape \(32, 32\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing key 'h\.3\.attn\.attention\.v_proj"
+        r"\.weight' \(expected shape \(32, 32\)\)",
+    ):
         convert_gpt_neo_state_dict(sd, config)
     sd = dict(state_dict, **{"transformer.h.0.attn.attention.q_proj.bias": np.zeros(32)})
-    with pytest.raises(CheckpointError, match="unexpected key 'transformer.h.0.attn.attention"
-                       ".q_proj.bias'"):
+    with pytest.raises(
+        CheckpointError, match="unexpected key 'transformer.h.0.attn.attention.q_proj.bias'"
+    ):
         convert_gpt_neo_state_dict(sd, config)
     sd = dict(state_dict, **{"transformer.h.0.mlp.c_fc.weight": np.zeros((32, 128))})
-    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.mlp\.c_fc\.weight' has "
-                       r"shape \(32, 128\), expected \(128, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'transformer\.h\.0\.mlp\.c_fc\.weight' has "
+        r"shape \(32, 128\), expected \(128, 32\)",
+    ):
         convert_gpt_neo_state_dict(sd, config)
     gpt2 = config_from_hf({"model_type": "gpt2", "n_layer": 1})
     with pytest.raises(ValueError, match="not GPT-Neo"):
@@ -95,20 +102,32 @@ def test_errors(config, state_dict):
 
 def abstract_hf_gpt_neo(L: int, d: int, V: int, n_ctx: int) -> dict:
     """HF GPT-Neo tensor shapes (nn.Linear [out, in]), written out by hand."""
-    shapes = {"transformer.wte.weight": (V, d), "transformer.wpe.weight": (n_ctx, d),
-              "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
+    shapes = {
+        "transformer.wte.weight": (V, d),
+        "transformer.wpe.weight": (n_ctx, d),
+        "transformer.ln_f.weight": (d,),
+        "transformer.ln_f.bias": (d,),
+    }
     for i in range(L):
         p = f"transformer.h.{i}."
         a = p + "attn.attention."
-        shapes.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            a + "q_proj.weight": (d, d), a + "k_proj.weight": (d, d),
-            a + "v_proj.weight": (d, d), a + "out_proj.weight": (d, d),
-            a + "out_proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (4 * d, d), p + "mlp.c_fc.bias": (4 * d,),
-            p + "mlp.c_proj.weight": (d, 4 * d), p + "mlp.c_proj.bias": (d,),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                a + "q_proj.weight": (d, d),
+                a + "k_proj.weight": (d, d),
+                a + "v_proj.weight": (d, d),
+                a + "out_proj.weight": (d, d),
+                a + "out_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (4 * d, d),
+                p + "mlp.c_fc.bias": (4 * d,),
+                p + "mlp.c_proj.weight": (d, 4 * d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        )
     return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
 
 

@@ -80,8 +80,11 @@ def test_sharded_safetensors(gpt2_checkpoint, gpt2_model, tmp_path):
 def test_pickle_needs_opt_in(gpt2_checkpoint, gpt2_model, tmp_path, monkeypatch):
     copy_checkpoint(gpt2_checkpoint.path, tmp_path, skip={"model.safetensors"})
     torch.save(gpt2_checkpoint.hf_model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"only PyTorch pickle weights \(pytorch_model"
-                       r"\.bin\).*allow_pickle=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"only PyTorch pickle weights \(pytorch_model"
+        r"\.bin\).*allow_pickle=True",
+    ):
         load_pretrained(tmp_path)
     calls = []
     real_load = torch.load
@@ -100,10 +103,12 @@ def test_corrupt_safetensors(gpt2_checkpoint, tmp_path, damage):
     copy_checkpoint(gpt2_checkpoint.path, tmp_path)
     target = tmp_path / "model.safetensors"
     data = target.read_bytes()
-    target.write_bytes(b"\x00" * 3 + b"not safetensors" if damage == "garbage"
-                       else data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"could not read safetensors file '{target}'.*"
-                       "corrupt or truncated"):
+    target.write_bytes(
+        b"\x00" * 3 + b"not safetensors" if damage == "garbage" else data[: len(data) // 2]
+    )
+    with pytest.raises(
+        CheckpointError, match=f"could not read safetensors file '{target}'.*corrupt or truncated"
+    ):
         load_pretrained(tmp_path)
 
 
@@ -112,8 +117,11 @@ def test_missing_files(gpt2_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing file '.*/a/config\.json'"):
         load_pretrained(no_config)
     no_weights = copy_checkpoint(gpt2_checkpoint.path, tmp_path / "b", skip={"model.safetensors"})
-    with pytest.raises(CheckpointError, match=r"no weights in '.*/b': expected model\."
-                       r"safetensors .*holds \['config\.json'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no weights in '.*/b': expected model\."
+        r"safetensors .*holds \['config\.json'",
+    ):
         load_pretrained(no_weights)
     with pytest.raises(CheckpointError, match="no such directory: '/nonexistent/model/dir'"):
         load_pretrained("/nonexistent/model/dir")
@@ -125,12 +133,30 @@ def test_config_and_weights_disagree(gpt2_checkpoint, tmp_path):
     copy_checkpoint(gpt2_checkpoint.path, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, n_embd=64)))
-    with pytest.raises(CheckpointError, match=r"'transformer\.wte\.weight' has shape "
-                       r"\(101, 32\), expected \(101, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'transformer\.wte\.weight' has shape "
+        r"\(101, 32\), expected \(101, 64\)",
+    ):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(config, n_layer=2)))
     with pytest.raises(CheckpointError, match=r"unexpected key 'transformer\.h\.2\."):
         load_pretrained(tmp_path)
+
+
+def test_base_model_without_lm_head(gpt2_checkpoint, tmp_path):
+    """GPT2Model checkpoints: keys without 'transformer.', no lm_head, tied unembedding."""
+    from transformers import GPT2Model
+
+    gpt2_checkpoint.hf_model.transformer.save_pretrained(tmp_path)
+    with open_state_dict(tmp_path) as sd:
+        assert "wte.weight" in sd and not any(k.startswith("transformer.") for k in sd)
+    model = load_pretrained(tmp_path, **NO_PROCESSING)
+    assert model.config.architecture == "GPT2Model"
+    np.testing.assert_array_equal(np.asarray(model.W_U), np.asarray(model.W_E).T)
+    reference = load_pretrained(gpt2_checkpoint.path, **NO_PROCESSING, tokenizer=False)
+    assert_same_params(model, reference)
+    assert isinstance(gpt2_checkpoint.hf_model.transformer, GPT2Model)
 
 
 def test_unknown_architecture(gpt2_checkpoint, tmp_path):
@@ -152,12 +178,15 @@ def offline_empty_hub(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["gpt2", "EleutherAI/gpt-neo-125M"])
 def test_hub_id_offline_not_cached(offline_empty_hub, name):
-    with pytest.raises(CheckpointError, match=(
-        f"'{name}' is not a local directory, and it is not in the Hugging Face cache "
-        f"\\({offline_empty_hub}\\) while the hub is offline \\(HF_HUB_OFFLINE is set\\)\\. "
-        f"To fix: download it once .*`hf download {name} config\\.json model\\.safetensors`"
-        ".*or pass the path of a local directory holding config\\.json and model\\.safetensors"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            f"'{name}' is not a local directory, and it is not in the Hugging Face cache "
+            f"\\({offline_empty_hub}\\) while the hub is offline \\(HF_HUB_OFFLINE is set\\)\\. "
+            f"To fix: download it once .*`hf download {name} config\\.json model\\.safetensors`"
+            ".*or pass the path of a local directory holding config\\.json and model\\.safetensors"
+        ),
+    ):
         load_pretrained(name)
 
 

@@ -19,10 +19,20 @@ def test_weights_and_circuits(models):
     m = models["gpt2"]
     L, H, d, dh = 3, 4, 32, 8
     shapes = {
-        "W_E": (101, d), "W_pos": (24, d), "W_U": (d, 101), "b_U": (101,),
-        "W_Q": (L, H, d, dh), "W_K": (L, H, d, dh), "W_V": (L, H, d, dh),
-        "W_O": (L, H, dh, d), "b_Q": (L, H, dh), "b_O": (L, d), "W_in": (L, d, 128),
-        "b_in": (L, 128), "W_out": (L, 128, d), "b_out": (L, d),
+        "W_E": (101, d),
+        "W_pos": (24, d),
+        "W_U": (d, 101),
+        "b_U": (101,),
+        "W_Q": (L, H, d, dh),
+        "W_K": (L, H, d, dh),
+        "W_V": (L, H, d, dh),
+        "W_O": (L, H, dh, d),
+        "b_Q": (L, H, dh),
+        "b_O": (L, d),
+        "W_in": (L, d, 128),
+        "b_in": (L, 128),
+        "W_out": (L, 128, d),
+        "b_out": (L, d),
     }
     for name, shape in shapes.items():
         assert getattr(m, name).shape == shape, name

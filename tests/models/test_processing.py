@@ -1,5 +1,6 @@
 """Weight processing: parity with TransformerLens 3.9.0 for all flag combinations, invariance."""
 
+import functools
 import itertools
 
 import jax
@@ -52,8 +53,11 @@ def test_matches_transformer_lens(checkpoint, converted, tl_model, flags):
     _, params = converted[checkpoint.family]
     ours = flatten(
         process_params(
-            params, fold_ln=fold_ln, center_writing_weights=center_writing,
-            center_unembed=center_u, fold_value_biases=fold_vb,
+            params,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing,
+            center_unembed=center_u,
+            fold_value_biases=fold_vb,
         )
     )
     ref = tl_stacked(tl_model(checkpoint, *flags))
@@ -63,8 +67,13 @@ def test_matches_transformer_lens(checkpoint, converted, tl_model, flags):
         np.testing.assert_allclose(ours[key], ref[key], rtol=0, atol=1e-5, err_msg=key)
 
 
-STEPS = [fold_layer_norm, center_writing_weights, center_unembed, fold_value_biases,
-         refactor_factored_attn_matrices]
+STEPS = [
+    fold_layer_norm,
+    center_writing_weights,
+    center_unembed,
+    fold_value_biases,
+    refactor_factored_attn_matrices,
+]
 
 
 def test_each_step_keeps_log_probs(checkpoint, converted, tokens):
@@ -131,6 +140,18 @@ def test_jax_arrays_under_jit(converted):
         np.testing.assert_allclose(np.asarray(jitted[key]), host[key], atol=1e-6, err_msg=key)
 
 
+def test_vmap_over_models(converted):
+    """Two models stacked on a new leading axis are processed independently."""
+    _, params = converted["gpt_neo"]
+    other = jax.tree_util.tree_map(lambda x: x * 1.5, params)
+    pair = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), params, other)
+    out = flatten(jax.vmap(process_params)(pair))
+    for i, single in enumerate((params, other)):
+        ref = flatten(process_params(single))
+        for key in ref:
+            np.testing.assert_allclose(np.asarray(out[key][i]), ref[key], atol=1e-5, err_msg=key)
+
+
 def test_low_precision_processed_in_float32(converted):
     _, params = converted["gpt2"]
     half = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
@@ -157,19 +178,26 @@ def test_refactor_matches_transformer_lens(checkpoint, converted, tl_model):
     for a, b in zip(_qk_ov(ours), _qk_ov(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
     W_O = ours["blocks.attn.W_O"]
-    np.testing.assert_allclose(W_O @ np.swapaxes(W_O, -1, -2), np.broadcast_to(np.eye(8), (
-        W_O.shape[0], 4, 8, 8)), atol=1e-5)
+    np.testing.assert_allclose(
+        W_O @ np.swapaxes(W_O, -1, -2),
+        np.broadcast_to(np.eye(8), (W_O.shape[0], 4, 8, 8)),
+        atol=1e-5,
+    )
     assert not ours["blocks.attn.b_V"].any()
     # Query and key factors carry equal halves of the singular values.
-    q_norms = np.linalg.norm(np.concatenate(
-        [ours["blocks.attn.W_Q"], ours["blocks.attn.b_Q"][..., None, :]], -2), axis=-2)
-    k_norms = np.linalg.norm(np.concatenate(
-        [ours["blocks.attn.W_K"], ours["blocks.attn.b_K"][..., None, :]], -2), axis=-2)
+    q_norms = np.linalg.norm(
+        np.concatenate([ours["blocks.attn.W_Q"], ours["blocks.attn.b_Q"][..., None, :]], -2),
+        axis=-2,
+    )
+    k_norms = np.linalg.norm(
+        np.concatenate([ours["blocks.attn.W_K"], ours["blocks.attn.b_K"][..., None, :]], -2),
+        axis=-2,
+    )
     np.testing.assert_allclose(q_norms, k_norms, rtol=1e-4)
     # The jax path (lowrank.svd) gives the same products.
     on_device = jax.tree_util.tree_map(jnp.asarray, params)
-    dev = flatten(jax.tree_util.tree_map(
-        np.asarray, process_params(on_device, refactor_factored_attn_matrices=True)))
+    refactor = jax.jit(functools.partial(process_params, refactor_factored_attn_matrices=True))
+    dev = flatten(jax.tree_util.tree_map(np.asarray, refactor(on_device)))
     for a, b in zip(_qk_ov(dev), _qk_ov(ours), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
 

@@ -14,6 +14,7 @@ from lowrank.models import (
     init_params,
     process_params,
 )
+from lowrank.models.config import ACTIVATIONS
 from lowrank.models.transformer import ACTIVATION_FNS
 
 _forward = jax.jit(forward, static_argnames=("config", "return_activations"))
@@ -55,7 +56,8 @@ def test_activations_match_hf(checkpoint, converted, tokens):
     logits, acts = _forward(params, tokens, config=config, return_activations=True)
     with torch.no_grad():
         out = checkpoint.hf_model(
-            torch.as_tensor(tokens, dtype=torch.long), output_hidden_states=True,
+            torch.as_tensor(tokens, dtype=torch.long),
+            output_hidden_states=True,
             output_attentions=True,
         )
     L = config.n_layers
@@ -65,8 +67,7 @@ def test_activations_match_hf(checkpoint, converted, tokens):
         np.testing.assert_allclose(
             acts["resid_pre"][layer], out.hidden_states[layer].numpy(), atol=1e-4
         )
-        np.testing.assert_allclose(acts["pattern"][layer], out.attentions[layer].numpy(),
-                                   atol=1e-5)
+        np.testing.assert_allclose(acts["pattern"][layer], out.attentions[layer].numpy(), atol=1e-5)
     np.testing.assert_allclose(acts["resid_post"][:-1], acts["resid_pre"][1:])
     np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4)
 
@@ -122,8 +123,11 @@ def test_gradients_flow(converted, tokens):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False),
-     dict(activation_function="gelu", n_inner=48)],
+    [
+        dict(scale_attn_by_inverse_layer_idx=True),
+        dict(scale_attn_weights=False),
+        dict(activation_function="gelu", n_inner=48),
+    ],
     ids=["inverse-layer-scale", "no-scale", "gelu-n_inner"],
 )
 def test_gpt2_variants_match_hf(tmp_path, tokens, overrides):
@@ -140,6 +144,7 @@ def test_gpt2_variants_match_hf(tmp_path, tokens, overrides):
 def test_activation_functions_match_transformers():
     from transformers.activations import ACT2FN
 
+    assert set(ACTIVATION_FNS) == set(ACTIVATIONS)
     x = np.linspace(-6, 6, 101, dtype=np.float32)
     for name, fn in ACTIVATION_FNS.items():
         ref = ACT2FN[name](torch.from_numpy(x)).numpy()
@@ -169,11 +174,18 @@ def test_bad_tokens(converted, tokens):
     config, params = converted["gpt2"]
     with pytest.raises(TypeError, match="tokens must be an integer array"):
         forward(params, tokens.astype(np.float32), config)
-    with pytest.raises(ValueError, match=r"tokens must have shape \[batch, seq\] or \[seq\], "
-                       r"got \(1, 2, 17\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokens must have shape \[batch, seq\] or \[seq\], "
+        r"got \(1, 2, 17\)",
+    ):
         forward(params, tokens[None], config)
     long = np.zeros((1, 25), np.int32)
     with pytest.raises(ValueError, match=r"shape \(1, 25\).*n_ctx=24 positions"):
         forward(params, long, config)
     with pytest.raises(ValueError, match="empty sequence"):
         forward(params, np.zeros((2, 0), np.int32), config)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 101\).*from 0 to 101"):
+        forward(params, np.array([0, 101]), config)
+    with pytest.raises(ValueError, match=r"from -1 to"):
+        forward(params, jnp.array([-1, 3]), config)
