@@ -44,6 +44,11 @@ ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
 _w_init = nn.initializers.normal(stddev=0.02)
 
 
+def _at_least_f32(dtype: Any) -> Any:
+    """float32 for bfloat16/float16, the dtype itself otherwise (float32, float64)."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis; without weights (``with_params=False``) once folded."""
 
@@ -53,8 +58,10 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(_at_least_f32(dtype))  # statistics in float32 or wider
         x = x - x.mean(axis=-1, keepdims=True)
-        x = x / jnp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
+        x = (x / jnp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)).astype(dtype)
         if self.with_params:
             d = x.shape[-1]
             x = x * self.param("w", nn.initializers.ones, (d,), self.param_dtype)
@@ -87,8 +94,8 @@ class Attention(nn.Module):
         qpos = jnp.arange(seq, dtype=jnp.int32)[:, None]
         kpos = jnp.arange(seq, dtype=jnp.int32)[None, :]
         allowed = (kpos <= qpos) & (qpos - kpos < window)
-        scores = scores.astype(jnp.float32)
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        scores = scores.astype(_at_least_f32(scores.dtype))
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
         pattern = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         z = ein("bhqk,bkhe->bqhe", pattern, v)
         return ein("bqhe,hed->bqd", z, W_O) + b_O, pattern

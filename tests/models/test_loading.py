@@ -221,6 +221,23 @@ def test_dtypes(gpt2_checkpoint, gpt2_model, tokens):
         load_pretrained(gpt2_checkpoint.path, dtype=jnp.float64)
 
 
+@pytest.mark.skipif(not hasattr(jax, "enable_x64"), reason="needs the jax.enable_x64 context")
+def test_float64(gpt2_checkpoint, tokens):
+    """Under x64, float64 parameters give float64 logits that match HF in double precision.
+
+    (GPT-2: HF's GPT-Neo computes attention scores in float32 even for double weights.)
+    """
+    hf = copy.deepcopy(gpt2_checkpoint.hf_model).double()
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    with jax.enable_x64(True):
+        model = load_pretrained(gpt2_checkpoint.path, dtype=jnp.float64, **NO_PROCESSING)
+        logits = model(tokens)
+        assert logits.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=1e-9)
+        assert model.OV.eigenvalues.dtype == jnp.complex128
+
+
 def test_bfloat16_checkpoint(gpt2_checkpoint, tmp_path):
     """bf16 safetensors (which NumPy cannot name) are memory-mapped with ml_dtypes."""
     model = copy.deepcopy(gpt2_checkpoint.hf_model).to(torch.bfloat16)
