@@ -1,0 +1,79 @@
+"""GPT-2 / GPT-Neo loading, TransformerLens-style weight processing and a JAX forward pass.
+
+The canonical parameter tree (nested dicts, layer-stacked, TransformerLens names)::
+
+    embed.W_E          [d_vocab, d_model]
+    pos_embed.W_pos    [n_ctx, d_model]
+    blocks.ln1.w, .b   [L, d_model]           (absent once LayerNorm is folded)
+    blocks.attn.W_Q, W_K, W_V  [L, H, d_model, d_head]
+    blocks.attn.b_Q, b_K, b_V  [L, H, d_head]
+    blocks.attn.W_O    [L, H, d_head, d_model]
+    blocks.attn.b_O    [L, d_model]
+    blocks.ln2.w, .b   [L, d_model]           (absent once LayerNorm is folded)
+    blocks.mlp.W_in    [L, d_model, d_mlp]    blocks.mlp.b_in  [L, d_mlp]
+    blocks.mlp.W_out   [L, d_mlp, d_model]    blocks.mlp.b_out [L, d_model]
+    ln_final.w, .b     [d_model]              (absent once LayerNorm is folded)
+    unembed.W_U        [d_model, d_vocab]     unembed.b_U      [d_vocab]
+
+Example::
+
+    model = load_pretrained("gpt2")           # folded + centred, like TransformerLens
+    logits = model(model.to_tokens("Hello"))  # [1, seq, d_vocab]
+    copying = model.OV.eigenvalues            # [12, 12, 64]
+"""
+
+from lowrank.models._common import CheckpointError, Params
+from lowrank.models.config import ModelConfig, config_from_hf
+from lowrank.models.gpt2 import convert_gpt2_state_dict, gpt2_state_dict_shapes
+from lowrank.models.gpt_neo import convert_gpt_neo_state_dict, gpt_neo_state_dict_shapes
+from lowrank.models.loading import (
+    StateDict,
+    convert_state_dict,
+    load_pretrained,
+    load_tokenizer,
+    open_state_dict,
+    place_params,
+    read_config,
+    resolve_checkpoint,
+)
+from lowrank.models.model import TransformerModel
+from lowrank.models.processing import (
+    center_unembed,
+    center_writing_weights,
+    fold_layer_norm,
+    fold_value_biases,
+    is_layer_norm_folded,
+    process_params,
+    refactor_factored_attn_matrices,
+)
+from lowrank.models.transformer import Transformer, forward, init_params
+
+__all__ = [
+    "CheckpointError",
+    "ModelConfig",
+    "Params",
+    "StateDict",
+    "Transformer",
+    "TransformerModel",
+    "center_unembed",
+    "center_writing_weights",
+    "config_from_hf",
+    "convert_gpt2_state_dict",
+    "convert_gpt_neo_state_dict",
+    "convert_state_dict",
+    "fold_layer_norm",
+    "fold_value_biases",
+    "forward",
+    "gpt2_state_dict_shapes",
+    "gpt_neo_state_dict_shapes",
+    "init_params",
+    "is_layer_norm_folded",
+    "load_pretrained",
+    "load_tokenizer",
+    "open_state_dict",
+    "place_params",
+    "process_params",
+    "read_config",
+    "refactor_factored_attn_matrices",
+    "resolve_checkpoint",
+]

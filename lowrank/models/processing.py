@@ -1,0 +1,327 @@
+"""Weight processing on the canonical tree, with TransformerLens's formulas and order.
+
+Every function takes a parameter tree and returns a new one (inputs are never modified);
+each works alone, on NumPy arrays (host) and on jax arrays (also under ``jax.jit``).
+
+**Folded LayerNorm is marked by absence.** :func:`fold_layer_norm` moves the LayerNorm
+scales and shifts into the weights that read the normalised stream and then *removes* the
+``blocks.ln1``, ``blocks.ln2`` and ``ln_final`` entries, exactly as TransformerLens drops
+them when it swaps ``LayerNorm`` for ``LayerNormPre``. The forward pass reads the tree: a
+missing LayerNorm entry means "centre and scale to unit variance, no weight, no bias".
+Folding a tree that has no LayerNorm entries raises, so it cannot happen twice; the other
+steps are idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank.models._common import Params
+
+__all__ = [
+    "center_unembed",
+    "center_writing_weights",
+    "fold_layer_norm",
+    "fold_value_biases",
+    "is_layer_norm_folded",
+    "process_params",
+    "refactor_factored_attn_matrices",
+]
+
+_LN_PATHS = ("blocks.ln1", "blocks.ln2", "ln_final")
+
+
+def _get(params: Params, path: str, fn: str) -> Any:
+    node: Any = params
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{fn}: params has no entry {path!r} (is it a lowrank tree?)")
+        node = node[part]
+    return node
+
+
+def _updated(params: Params, updates: dict[str, Any], remove: tuple[str, ...] = ()) -> Params:
+    """A copy of ``params`` with dotted ``updates`` set and ``remove`` paths deleted.
+
+    Only the dicts on the changed paths are copied; untouched arrays are shared.
+    """
+    out = dict(params)
+    copied: set[tuple[str, ...]] = set()
+
+    def parent(parts: list[str]) -> dict[str, Any]:
+        node = out
+        for i, part in enumerate(parts):
+            key = tuple(parts[: i + 1])
+            if key not in copied:
+                node[part] = dict(node[part])
+                copied.add(key)
+            node = node[part]
+        return node
+
+    for path, value in updates.items():
+        *head, leaf = path.split(".")
+        parent(head)[leaf] = value
+    for path in remove:
+        *head, leaf = path.split(".")
+        parent(head).pop(leaf, None)
+    return out
+
+
+def _zeros_like(x: Any) -> Any:
+    return np.zeros_like(x) if isinstance(x, np.ndarray) else jnp.zeros_like(x)
+
+
+def _centre(x: Any, axis: int) -> Any:
+    return x - x.mean(axis=axis, keepdims=True)
+
+
+def _scale_centre(W: Any, scale: Any, axis: int, centre: bool) -> Any:
+    """``W * scale``, then centred over ``axis``; NumPy centres the fresh product in place."""
+    W = W * scale
+    if not centre:
+        return W
+    if isinstance(W, np.ndarray):
+        W -= W.mean(axis=axis, keepdims=True)
+        return W
+    return _centre(W, axis)
+
+
+def _einsum(spec: str, *operands: Any) -> Any:
+    """A contraction without a full-size temporary; float32-exact on every backend."""
+    if all(isinstance(x, np.ndarray) for x in operands):
+        return np.einsum(spec, *operands)
+    return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
+def is_layer_norm_folded(params: Params) -> bool:
+    """Whether ``params`` has its LayerNorms folded (no ``ln1``, ``ln2``, ``ln_final``).
+
+    Raises:
+        ValueError: some LayerNorm entries are present and others are not.
+    """
+    present = [p for p in _LN_PATHS if _has(params, p)]
+    if present and len(present) != len(_LN_PATHS):
+        missing = [p for p in _LN_PATHS if p not in present]
+        raise ValueError(
+            f"params has LayerNorm entries {present} but not {missing}: either all "
+            "LayerNorms carry weights or all are folded"
+        )
+    return not present
+
+
+def _has(params: Params, path: str) -> bool:
+    node: Any = params
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def fold_layer_norm(params: Params, *, center_weights: bool = True) -> Params:
+    """Fold every LayerNorm's scale and shift into the weights that read its output.
+
+    For a reader ``W`` with bias ``b`` after LayerNorm ``(w, b_ln)``:
+    ``b <- b + sum_d b_ln[d] W[d]``, ``W <- w[d] W[d]``, then (``center_weights``) ``W`` is
+    centred over ``d_model``, which is harmless because LayerNorm output has zero mean.
+    ``ln1`` folds into ``W_Q, W_K, W_V`` (and ``b_Q, b_K, b_V``), ``ln2`` into
+    ``W_in``/``b_in``, ``ln_final`` into ``W_U``/``b_U``. The LayerNorm entries are removed.
+
+    Raises:
+        ValueError: the LayerNorms are already folded.
+    """
+    fn = "fold_layer_norm"
+    if is_layer_norm_folded(params):
+        raise ValueError(
+            f"{fn}: the LayerNorms are already folded (params has no 'blocks.ln1', "
+            "'blocks.ln2', 'ln_final'); folding twice would be wrong"
+        )
+    updates: dict[str, Any] = {}
+    w1, b1 = _get(params, "blocks.ln1.w", fn), _get(params, "blocks.ln1.b", fn)
+    for x in "QKV":
+        W = _get(params, f"blocks.attn.W_{x}", fn)  # [L, H, d, dh]
+        b = _get(params, f"blocks.attn.b_{x}", fn)  # [L, H, dh]
+        updates[f"blocks.attn.b_{x}"] = b + _einsum("lhde,ld->lhe", W, b1)
+        updates[f"blocks.attn.W_{x}"] = _scale_centre(W, w1[:, None, :, None], -2, center_weights)
+
+    w2, b2 = _get(params, "blocks.ln2.w", fn), _get(params, "blocks.ln2.b", fn)
+    W_in = _get(params, "blocks.mlp.W_in", fn)  # [L, d, d_mlp]
+    b_in = _get(params, "blocks.mlp.b_in", fn)
+    updates["blocks.mlp.b_in"] = b_in + _einsum("ldm,ld->lm", W_in, b2)
+    updates["blocks.mlp.W_in"] = _scale_centre(W_in, w2[:, :, None], -2, center_weights)
+
+    wf, bf = _get(params, "ln_final.w", fn), _get(params, "ln_final.b", fn)
+    W_U = _get(params, "unembed.W_U", fn)  # [d, V]
+    updates["unembed.b_U"] = _get(params, "unembed.b_U", fn) + _einsum("dv,d->v", W_U, bf)
+    updates["unembed.W_U"] = _scale_centre(W_U, wf[:, None], -2, center_weights)
+    return _updated(params, updates, remove=_LN_PATHS)
+
+
+def center_writing_weights(params: Params) -> Params:
+    """Centre everything that writes to the residual stream over ``d_model``.
+
+    ``W_E``, ``W_pos``, ``W_O``, ``b_O``, ``W_out``, ``b_out`` lose their mean over the
+    ``d_model`` axis. Every LayerNorm subtracts the mean of its input, so this does not
+    change the model's output.
+    """
+    fn = "center_writing_weights"
+    paths = (
+        "embed.W_E",
+        "pos_embed.W_pos",
+        "blocks.attn.W_O",
+        "blocks.attn.b_O",
+        "blocks.mlp.W_out",
+        "blocks.mlp.b_out",
+    )
+    return _updated(params, {p: _centre(_get(params, p, fn), -1) for p in paths})
+
+
+def center_unembed(params: Params) -> Params:
+    """Centre ``W_U`` and ``b_U`` over the vocabulary (softmax is shift invariant).
+
+    Changes the logits by a per-position constant; log-probabilities are unchanged.
+    """
+    fn = "center_unembed"
+    return _updated(
+        params,
+        {
+            "unembed.W_U": _centre(_get(params, "unembed.W_U", fn), -1),
+            "unembed.b_U": _centre(_get(params, "unembed.b_U", fn), -1),
+        },
+    )
+
+
+def fold_value_biases(params: Params) -> Params:
+    """Move the value biases into the output bias: ``b_O += sum_{h,e} b_V[h,e] W_O[h,e]``.
+
+    Attention patterns sum to one, so each head's value bias adds a constant to the layer's
+    output; ``b_V`` becomes zero.
+    """
+    fn = "fold_value_biases"
+    b_V = _get(params, "blocks.attn.b_V", fn)  # [L, H, dh]
+    W_O = _get(params, "blocks.attn.W_O", fn)  # [L, H, dh, d]
+    b_O = _get(params, "blocks.attn.b_O", fn)  # [L, d]
+    return _updated(
+        params,
+        {
+            "blocks.attn.b_O": b_O + _einsum("lhe,lhed->ld", b_V, W_O),
+            "blocks.attn.b_V": _zeros_like(b_V),
+        },
+    )
+
+
+def _svd(A: Any, B: Any, dep: Any = None) -> tuple[Any, Any, Any]:
+    """Thin SVD of ``A @ B`` from the factors: NumPy for NumPy input, else ``lowrank.svd``.
+
+    ``dep`` (jax path) is an array the decomposition is made to wait for, so that two
+    batched LAPACK calls in one jitted program never run at once (see DESIGN.md).
+    """
+    if isinstance(A, np.ndarray) and isinstance(B, np.ndarray):
+        Qa, Ra = np.linalg.qr(A)
+        Qb, Rb = np.linalg.qr(np.swapaxes(B, -1, -2))
+        Uc, S, Vhc = np.linalg.svd(Ra @ np.swapaxes(Rb, -1, -2), full_matrices=False)
+        return Qa @ Uc, S, Vhc @ np.swapaxes(Qb, -1, -2)
+    from lowrank.factored import FactoredMatrix
+    from lowrank.linalg import svd
+
+    A, B = jnp.asarray(A), jnp.asarray(B)
+    if dep is not None:
+        tie = jnp.reshape(dep, (-1,))[0].astype(A.dtype)
+        A = A + 0 * tie
+    return svd(FactoredMatrix(A, B))
+
+
+def refactor_factored_attn_matrices(params: Params) -> Params:
+    """Re-factor ``QK`` and ``OV`` into balanced, orthogonal factors (TransformerLens's step).
+
+    ``[W_Q; b_Q] @ [W_K; b_K]^T`` (biases as an extra input row) is rewritten as
+    ``(U sqrt(S)) (sqrt(S) V^T)``; ``b_V`` is folded into ``b_O`` and ``W_V @ W_O = U S V^T``
+    becomes ``W_V = U S``, ``W_O = V^T``. Attention scores and outputs are unchanged; the
+    signs of singular vectors are arbitrary, so only the products are unique.
+    """
+    fn = "refactor_factored_attn_matrices"
+    get = lambda p: _get(params, f"blocks.attn.{p}", fn)  # noqa: E731
+    xp = np if all(isinstance(get(p), np.ndarray) for p in ("W_Q", "W_K", "b_Q", "b_K")) else jnp
+    W_Q_eff = xp.concatenate([get("W_Q"), get("b_Q")[..., None, :]], axis=-2)  # [L,H,d+1,dh]
+    W_K_eff = xp.concatenate([get("W_K"), get("b_K")[..., None, :]], axis=-2)
+    U, S, Vh = _svd(W_Q_eff, xp.swapaxes(W_K_eff, -1, -2))
+    root = xp.sqrt(S)
+    Q_even = U * root[..., None, :]
+    K_even = xp.swapaxes(root[..., :, None] * Vh, -1, -2)
+
+    b_V, W_O = get("b_V"), get("W_O")
+    b_O = get("b_O") + _einsum("lhe,lhed->ld", b_V, W_O)
+    U, S, Vh = _svd(get("W_V"), W_O, dep=K_even)
+    return _updated(
+        params,
+        {
+            "blocks.attn.W_Q": Q_even[..., :-1, :],
+            "blocks.attn.b_Q": Q_even[..., -1, :],
+            "blocks.attn.W_K": K_even[..., :-1, :],
+            "blocks.attn.b_K": K_even[..., -1, :],
+            "blocks.attn.W_V": U * S[..., None, :],
+            "blocks.attn.W_O": Vh,
+            "blocks.attn.b_V": _zeros_like(b_V),
+            "blocks.attn.b_O": b_O,
+        },
+    )
+
+
+def process_params(
+    params: Params,
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+) -> Params:
+    """Apply the selected steps in TransformerLens's order.
+
+    ``fold_layer_norm`` -> ``center_writing_weights`` -> ``center_unembed`` ->
+    ``fold_value_biases`` (then ``b_O`` is centred again when centring writing weights) ->
+    ``refactor_factored_attn_matrices``. Low-precision floats are processed in float32 and
+    cast back, as TransformerLens does.
+    """
+    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
+    params = jax.tree_util.tree_map(_upcast, params)
+    if fold_ln:
+        params = _fold_layer_norm(params)
+    if center_writing_weights:
+        params = _center_writing_weights(params)
+    if center_unembed:
+        params = _center_unembed(params)
+    if fold_value_biases:
+        params = _fold_value_biases(params)
+        if center_writing_weights:
+            b_O = _get(params, "blocks.attn.b_O", "process_params")
+            params = _updated(params, {"blocks.attn.b_O": _centre(b_O, -1)})
+    if refactor_factored_attn_matrices:
+        params = _refactor_factored_attn_matrices(params)
+    return _restore_dtypes(params, dtypes)
+
+
+def _upcast(x: Any) -> Any:
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        return x.astype(np.float32)
+    return x
+
+
+def _restore_dtypes(params: Params, dtypes: Any) -> Params:
+    """Cast every leaf back to the dtype its path had before processing."""
+    flat_dtypes = dict(jax.tree_util.tree_flatten_with_path(dtypes)[0])
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(flat_dtypes[path]) if x.dtype != flat_dtypes[path] else x,
+        params,
+    )
+
+
+_fold_layer_norm = fold_layer_norm
+_center_writing_weights = center_writing_weights
+_center_unembed = center_unembed
+_fold_value_biases = fold_value_biases
+_refactor_factored_attn_matrices = refactor_factored_attn_matrices
