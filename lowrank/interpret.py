@@ -89,7 +89,7 @@ def svd_directions(
     layer: int,
     head: int | None = None,
     *,
-    num_vectors: int = 10,
+    num_vectors: int | None = None,
     top_k: int = 10,
 ) -> SingularDirections:
     """Top ``num_vectors`` singular directions of an OV circuit or MLP matrix, read via ``W_U``.
@@ -98,11 +98,13 @@ def svd_directions(
         model: a model with ``W_V``, ``W_O``, ``W_in``, ``W_out``, ``W_U`` (and ``params``).
         kind: ``"OV"`` (needs ``head``), ``"w_in"`` or ``"w_out"``.
         layer, head: which matrix.
-        num_vectors: how many singular directions, largest first.
+        num_vectors: how many singular directions, largest first (default: up to 10).
         top_k: tokens per direction and sign.
     """
     matrix = _interpreted_matrix(model, kind, layer, head)
     _, S, Vh = linalg.svd(matrix)
+    if num_vectors is None:
+        num_vectors = min(10, S.shape[-1])
     if not 1 <= num_vectors <= S.shape[-1]:
         raise ValueError(
             f"svd_directions: num_vectors must be in 1..{S.shape[-1]} for this matrix, "
