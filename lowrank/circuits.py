@@ -30,6 +30,7 @@ __all__ = [
     "full_ov_circuit",
     "full_qk_circuit",
     "ov_circuit",
+    "ov_eigenvalues",
     "positional_qk_circuit",
     "qk_circuit",
 ]
@@ -73,19 +74,28 @@ def positional_qk_circuit(model: Any) -> FactoredMatrix:
     return FactoredMatrix(_mm(model.W_pos, model.W_Q), _mT(_mm(model.W_pos, model.W_K)))
 
 
-def copying_scores(model: Any, *, full: bool = True) -> Array:
-    """Copying score ``sum(eig).real / sum(|eig|)`` per head, ``[L, H]``.
+def ov_eigenvalues(model: Any, *, full: bool = True) -> Array:
+    """Nonzero eigenvalues of each head's (full) OV circuit, ``[L, H, d_head]`` complex.
 
     Args:
-        full: eigenvalues of the full OV circuit ``W_E W_V W_O W_U`` (default), computed as
-            those of the ``d_head x d_head`` core ``W_O (W_U W_E) W_V`` with ``W_U W_E`` shared
-            by all heads; ``False`` uses the OV circuit ``W_V W_O`` alone.
+        full: the full OV circuit ``W_E W_V W_O W_U`` (default), via the ``d_head x d_head``
+            core ``W_O (W_U W_E) W_V`` in which ``W_U W_E`` is shared by all heads; ``False``
+            uses the OV circuit ``W_V W_O`` alone (core ``W_O W_V``).
     """
     if full:
         core = cyclic_core(model.W_E, model.W_V, model.W_O, model.W_U)
     else:
         core = _mm(model.W_O, model.W_V)
-    eig = linalg.eigvals(core)
+    return linalg.eigvals(core)
+
+
+def copying_scores(model: Any, *, full: bool = True) -> Array:
+    """Copying score ``sum(eig).real / sum(|eig|)`` per head, ``[L, H]``, in ``[-1, 1]``.
+
+    Near 1 when the head's OV circuit maps tokens to themselves (positive eigenvalues);
+    ``full`` as in :func:`ov_eigenvalues`.
+    """
+    eig = ov_eigenvalues(model, full=full)
     return jnp.sum(eig, axis=-1).real / jnp.sum(jnp.abs(eig), axis=-1)
 
 

@@ -1,44 +1,90 @@
-"""Command line: ``python -m lowrank report``."""
+"""Command line: ``python -m lowrank report [MODEL] [--out DIR]``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from lowrank.models import EMBEDDED_MODEL
 
-def _demo() -> None:
-    import jax.numpy as jnp
-    import numpy as np
+DESCRIPTION = """\
+Analyse the weights of a GPT-2 or GPT-Neo model head by head: copying scores of the OV and
+full OV circuits, Q/K/V-composition scores of all head pairs (with the 1/sqrt(d_model)
+random baseline), singular values of the embeddings and the effective rank of W_pos, the SVD
+interpreter's top tokens for the most-copying heads, and positional QK patterns."""
 
-    import lowrank
-
-    rng = np.random.default_rng(0)
-    A = jnp.asarray(rng.standard_normal((3, 4, 64, 8)), dtype=jnp.float32)
-    B = jnp.asarray(rng.standard_normal((3, 4, 8, 64)), dtype=jnp.float32)
-    M = lowrank.FactoredMatrix(A, B)
-    print(M)
-    print("norm[0, 0]        ", float(lowrank.norm(M)[0, 0]))
-    print("svdvals[0, 0, :4] ", np.asarray(lowrank.svdvals(M)[0, 0, :4]).round(3))
-    ev = lowrank.eigvals(M)
-    print("eigvals shape     ", ev.shape, ev.dtype)
-    print("copying score[0]  ", np.asarray(ev.sum(-1).real / jnp.abs(ev).sum(-1))[0].round(3))
+REPORT_HELP = """\
+Prints the tables and writes, into --out: one PNG per figure, report.json (every number)
+and index.html (tables and figures on one page). MODEL is a local checkpoint directory
+(config.json + model.safetensors) or a Hugging Face hub id (needs the hub cache or network);
+by default the small model embedded in the package. Weights are processed as in
+TransformerLens (fold LayerNorm, centre writing weights and unembedding, fold value biases).
+Exit status: 0 on success, 2 when the model cannot be loaded or the arguments are wrong."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m lowrank",
-        description="Linear algebra of transformer weights: factored matrices and circuits.",
+    parser = argparse.ArgumentParser(prog="python -m lowrank", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report = sub.add_parser(
+        "report",
+        help="analyse a model's heads; print tables, write figures, JSON and HTML",
+        description=REPORT_HELP,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("report", help="run the analyses and print a report")
+    report.add_argument(
+        "model",
+        nargs="?",
+        default=EMBEDDED_MODEL,
+        metavar="MODEL",
+        help=f"checkpoint directory or hub id (default: the embedded {EMBEDDED_MODEL!r})",
+    )
+    report.add_argument(
+        "--out", default="report", metavar="DIR", help="output directory (default: ./report)"
+    )
+    report.add_argument(
+        "--top-heads",
+        type=int,
+        default=3,
+        metavar="N",
+        help="heads (by full OV copying score) to interpret and plot (default: 3)",
+    )
+    report.add_argument(
+        "--quiet", action="store_true", help="no progress bar (tables are still printed)"
+    )
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lowrank.models import CheckpointError, load_pretrained
+    from lowrank.report import Progress, build_report, format_tables, write_html
+
+    if args.top_heads < 1:
+        print("error: --top-heads must be at least 1", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else Progress(total=8)
+    try:
+        model = load_pretrained(args.model)
+    except (CheckpointError, OSError, ValueError) as err:
+        message = " ".join(str(err).split())
+        print(f"error: cannot load model {args.model!r}: {message}", file=sys.stderr)
+        return 2
+    if progress:
+        progress.step("load model")
+    report = build_report(
+        model, args.out, name=args.model, top_heads=args.top_heads, progress=progress
+    )
+    page = write_html(report, args.out)
+    if progress:
+        progress.step("report.json + index.html")
+    print(format_tables(report))
+    print(f"\nWrote {len(report['figures'])} figures, report.json and {page}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
-        _demo()
-    return 0
+        return _report(args)
+    return 2  # unreachable: argparse rejects unknown commands
 
 
 if __name__ == "__main__":

@@ -56,9 +56,12 @@ def composition_heatmap(scores: Any, *, title: str, baseline: float | None = Non
         raise ValueError(f"composition_heatmap: scores must be [L, H, L, H], got {scores.shape}")
     n_layers, n_heads = scores.shape[:2]
     n = n_layers * n_heads
+    layer = np.arange(n_layers)
+    later = (layer[:, None, None, None] < layer[None, None, :, None]) & np.ones(scores.shape, bool)
+    shown = np.where(later, scores, np.nan).reshape(n, n)  # pairs that cannot compose: blank
     fig = Figure(figsize=(2.0 + 0.25 * n, 1.5 + 0.22 * n), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(scores.reshape(n, n), cmap="viridis", vmin=0)
+    image = ax.imshow(shown, cmap="viridis", vmin=0)
     labels = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
     ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(n), labels, fontsize=7)
@@ -130,7 +133,8 @@ def positional_pattern(
         image = scores[layer, head]
         if causal:
             image = np.where(np.tril(np.ones_like(image, dtype=bool)), image, np.nan)
-        ax.imshow(image, cmap="RdBu_r")
+        limit = np.nanmax(np.abs(image)) or 1.0
+        ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(f"L{layer}H{head}", fontsize=9)
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")

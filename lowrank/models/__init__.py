@@ -48,7 +48,11 @@ from lowrank.models.processing import (
 )
 from lowrank.models.transformer import Transformer, forward, init_params
 
+#: Name of the small model shipped in the package (``lowrank/data/``).
+EMBEDDED_MODEL = "induction-2l"
+
 __all__ = [
+    "EMBEDDED_MODEL",
     "CheckpointError",
     "ModelConfig",
     "Params",
