@@ -124,7 +124,7 @@ def build_report(
     tick("embedding spectra")
 
     order = np.argsort(-full_copy.reshape(-1))[: min(top_heads, c.n_layers * c.n_heads)]
-    chosen = [tuple(int(i) for i in np.unravel_index(i, full_copy.shape)) for i in order]
+    chosen = [divmod(int(i), c.n_heads) for i in order]  # (layer, head)
     interpreted = []
     for layer, head in chosen:
         directions = interpret.svd_directions(
