@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrank import linalg
 from lowrank.chain import cyclic_core
@@ -22,6 +23,8 @@ from lowrank.factored import FactoredMatrix
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 CompositionKind = Literal["Q", "K", "V"]
+# Elements of the per-step block of composition_scores (C for a few layer pairs): ~128 MiB.
+_COMPOSITION_STEP_ELEMENTS = 2**25
 
 __all__ = [
     "composition_baseline",
@@ -119,18 +122,18 @@ def _right_factors(model: Any, kind: str) -> tuple[Array, Array]:
     raise ValueError(f"composition_scores: kind must be 'Q', 'K' or 'V', got {kind!r}")
 
 
-def _psd_sqrt_factor(gram: Array) -> Array:
-    """``R`` with ``R^T R = gram`` for symmetric PSD ``gram [..., k, k]`` (rank deficiency ok)."""
-    w, v = jnp.linalg.eigh(gram)
-    return jnp.sqrt(jnp.maximum(w, 0))[..., :, None] * _mT(v)
-
-
 def composition_scores(model: Any, kind: CompositionKind) -> Array:
     """Q-, K- or V-composition ``||L R||_F / (||L||_F ||R||_F)`` of all head pairs.
 
     ``L`` is the OV circuit of an earlier head; ``R`` is the QK circuit (``kind="Q"``), its
     transpose (``"K"``) or the OV circuit (``"V"``) of a later head, as in TransformerLens's
     ``all_composition_scores``.
+
+    With ``L = A1 B1`` and ``R = A2 B2`` (factors of width ``d_head``),
+    ``||L R||_F^2 = sum((G1 C) * (C G2))`` where ``C = B1 A2`` and ``G1 = A1^T A1``,
+    ``G2 = B2 B2^T`` are ``d_head x d_head``: one large matrix product for all pairs and no
+    decompositions. Only pairs with the right head in a later layer are computed, a few
+    layer pairs at a time.
 
     Returns:
         ``[L, H, L, H]`` (left layer, left head, right layer, right head), zero unless
@@ -139,22 +142,33 @@ def composition_scores(model: Any, kind: CompositionKind) -> Array:
     A1, B1 = model.W_V, model.W_O  # left = A1 @ B1
     A2, B2 = _right_factors(model, kind)  # right = A2 @ B2
     n_layers, n_heads, d_model, d_head = A1.shape
-    # Whiten the outer factors: ||A1 X B2||_F = ||R1 X R2||_F with R1^T R1 = A1^T A1 and
-    # R2 R2^T = B2 B2^T. Then score_ij = ||X_i Y_j||_F with X = R1 B1, Y = A2 R2^T.
-    grams = jnp.stack([_mm(_mT(A1), A1), _mm(B2, _mT(B2))])  # one batched eigh call
-    roots = _psd_sqrt_factor(grams)
-    X = _mm(roots[0], B1).reshape(n_layers, n_heads * d_head, d_model)
-    Y = _mm(A2, _mT(roots[1]))  # [L, H, d_model, d_head]
-    Y_flat = jnp.moveaxis(Y, 2, 0).reshape(d_model, n_layers * n_heads * d_head)
-    left_norm = jnp.sqrt(jnp.sum(jnp.square(X.reshape(n_layers, n_heads, -1)), axis=-1))
-    right_norm = jnp.sqrt(jnp.sum(jnp.square(Y.reshape(n_layers, n_heads, -1)), axis=-1))
-    rows = []
-    for layer in range(n_layers - 1):  # only later right layers: half the work of all pairs
-        start = (layer + 1) * n_heads * d_head
-        products = _mm(X[layer], Y_flat[:, start:])  # [H dh, (L - layer - 1) H dh]
-        sq = jnp.square(products).reshape(n_heads, d_head, -1, n_heads, d_head)
-        norms = jnp.sqrt(jnp.sum(sq, axis=(1, 4)))  # [H, L - layer - 1, H]
-        rows.append(jnp.pad(norms, ((0, 0), (layer + 1, 0), (0, 0))))
-    rows.append(jnp.zeros((n_heads, n_layers, n_heads), dtype=X.dtype))
-    numerator = jnp.stack(rows)
-    return numerator / (left_norm[:, :, None, None] * right_norm[None, None, :, :])
+    G1 = _mm(_mT(A1), A1)  # [L, H, dh, dh]
+    G2 = _mm(B2, _mT(B2))
+    left_sq = jnp.sum(G1 * _mm(B1, _mT(B1)), axis=(-2, -1))  # ||A1 B1||_F^2, [L, H]
+    right_sq = jnp.sum(G2 * _mm(_mT(A2), A2), axis=(-2, -1))
+    B1_rows = B1.reshape(n_layers, n_heads * d_head, d_model)
+    A2_cols = jnp.moveaxis(A2, 2, 1).reshape(n_layers, d_model, n_heads * d_head)
+
+    # Every (left layer, right layer) pair with left < right, a fixed number per scan step:
+    # bounded memory, a compile time independent of depth, no work on masked pairs.
+    left, right = np.triu_indices(n_layers, k=1)
+    block = (n_heads * d_head) ** 2
+    steps = -(-len(left) // max(1, _COMPOSITION_STEP_ELEMENTS // block))
+    per_step = -(-len(left) // steps)  # balanced steps: at most steps - 1 padded pairs
+    padded_left = np.resize(left, steps * per_step).reshape(steps, per_step)
+    padded_right = np.resize(right, steps * per_step).reshape(steps, per_step)
+
+    def pair_norms(_: None, pair: tuple[Array, Array]) -> tuple[None, Array]:
+        lo, hi = pair
+        C = _mm(B1_rows[lo], A2_cols[hi])  # [k, H dh, H dh]
+        C = C.reshape(per_step, n_heads, d_head, n_heads, d_head)
+        left_side = jnp.einsum("khab,khbgc->khagc", G1[lo], C, precision=HIGHEST)
+        right_side = jnp.einsum("khagb,kgbc->khagc", C, G2[hi], precision=HIGHEST)
+        return None, jnp.sum(left_side * right_side, axis=(2, 4))  # [k, H, H]
+
+    _, norm_sq = jax.lax.scan(pair_norms, None, (padded_left, padded_right))
+    norm_sq = norm_sq.reshape(-1, n_heads, n_heads)[: len(left)]
+    grid = jnp.zeros((n_layers, n_layers, n_heads, n_heads), dtype=norm_sq.dtype)
+    grid = jnp.moveaxis(grid.at[left, right].set(norm_sq), 1, 2)  # [L, H, L, H]
+    numerator = jnp.sqrt(jnp.maximum(grid, 0))
+    return numerator / jnp.sqrt(left_sq[:, :, None, None] * right_sq[None, None, :, :])
