@@ -166,7 +166,8 @@ def composition_scores(model: Any, kind: CompositionKind) -> Array:
         right_side = jnp.einsum("khagb,kgbc->khagc", C, G2[hi], precision=HIGHEST)
         return None, jnp.sum(left_side * right_side, axis=(2, 4))  # [k, H, H]
 
-    _, norm_sq = jax.lax.scan(pair_norms, None, (padded_left, padded_right))
+    pairs = (jnp.asarray(padded_left), jnp.asarray(padded_right))
+    _, norm_sq = jax.lax.scan(pair_norms, None, pairs)
     norm_sq = norm_sq.reshape(-1, n_heads, n_heads)[: len(left)]
     grid = jnp.zeros((n_layers, n_layers, n_heads, n_heads), dtype=norm_sq.dtype)
     grid = jnp.moveaxis(grid.at[left, right].set(norm_sq), 1, 2)  # [L, H, L, H]
