@@ -29,6 +29,7 @@ __all__ = [
     "row_top_k",
     "svd_directions",
     "top_entries",
+    "unembed_directions",
 ]
 
 
@@ -54,6 +55,16 @@ class SingularDirections:
         """Decoded ``top_tokens`` as nested lists ``[n][2][k]``."""
         ids = np.asarray(self.top_tokens)
         return [[[tokenizer.decode([int(t)]) for t in side] for side in row] for row in ids]
+
+    def table(self, tokenizer: Any = None) -> str:
+        """One line per direction and sign: singular value and the quoted top tokens."""
+        ids = np.asarray(self.top_tokens)
+        lines = []
+        for i, (s, row) in enumerate(zip(np.asarray(self.singular_values), ids, strict=True)):
+            for sign, side in zip("+-", row, strict=True):
+                words = [repr(tokenizer.decode([int(t)])) if tokenizer else f"#{t}" for t in side]
+                lines.append(f"{i:>3} {sign} S={s:<9.4g} " + " ".join(words))
+        return "\n".join(lines)
 
 
 def _check_index(name: str, value: int, size: int) -> None:
@@ -113,15 +124,34 @@ def svd_directions(
     d_vocab = model.W_U.shape[-1]
     if not 1 <= top_k <= d_vocab:
         raise ValueError(f"svd_directions: top_k must be in 1..{d_vocab}, got {top_k}")
-    activations = jnp.matmul(Vh[:num_vectors], model.W_U, precision=HIGHEST)
+    return _directions(S[:num_vectors], Vh[:num_vectors], model.W_U, top_k)
+
+
+def _directions(S: Array, Vh: Array, readout: Array | None, top_k: int) -> SingularDirections:
+    """Package singular directions ``Vh [n, r]`` read out through ``readout [r, V]``."""
+    activations = Vh if readout is None else jnp.matmul(Vh, readout, precision=HIGHEST)
+    if not 1 <= top_k <= activations.shape[-1]:
+        raise ValueError(f"top_k must be in 1..{activations.shape[-1]}, got {top_k}")
     pos_vals, pos_ids = jax.lax.top_k(activations, top_k)
     neg_vals, neg_ids = jax.lax.top_k(-activations, top_k)
     return SingularDirections(
-        singular_values=S[:num_vectors],
+        singular_values=S,
         activations=activations,
         top_tokens=jnp.stack([pos_ids, neg_ids], axis=1),
         top_values=jnp.stack([pos_vals, neg_vals], axis=1),
     )
+
+
+def unembed_directions(model: Any, *, num_vectors: int = 10, top_k: int = 10) -> SingularDirections:
+    """Top singular directions of the unembedding ``W_U [d_model, V]`` in token space.
+
+    ``activations[i]`` is the ``i``-th right singular vector of ``W_U`` (a vector over the
+    vocabulary); its top tokens of either sign are the tokens that direction separates.
+    """
+    _, S, Vh = linalg.svd(model.W_U)
+    if not 1 <= num_vectors <= S.shape[-1]:
+        raise ValueError(f"unembed_directions: num_vectors must be in 1..{S.shape[-1]}")
+    return _directions(S[:num_vectors], Vh[:num_vectors], None, top_k)
 
 
 def effective_rank(S: Array, rel_threshold: float = 0.01) -> Array:

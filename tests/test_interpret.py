@@ -184,3 +184,30 @@ def test_top_entries_errors():
         top_entries(M[0], 31)
     with pytest.raises(ValueError, match="chunk must be positive"):
         row_top_k(M[0], 2, chunk=0)
+
+
+def test_unembed_directions(gpt2_checkpoint):
+    from lowrank.interpret import unembed_directions
+
+    model = load_pretrained(gpt2_checkpoint.path)
+    got = unembed_directions(model, num_vectors=3, top_k=5)
+    _, S, Vh = np.linalg.svd(np.asarray(model.W_U, np.float64), full_matrices=False)
+    assert_rel_close(got.singular_values, S[:3])
+    acts = np.asarray(got.activations, np.float64)
+    assert_rel_close(acts, align_signs(Vh[:3], acts, axis=-1))
+    np.testing.assert_array_equal(
+        np.sort(got.top_tokens[:, 0], -1), np.sort(np.argsort(-acts)[:, :5], -1)
+    )
+    jitted = jax.jit(functools.partial(unembed_directions, num_vectors=3, top_k=5))(model)
+    assert_rel_close(jitted.singular_values, got.singular_values, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"num_vectors must be in 1\.\.32"):
+        unembed_directions(model, num_vectors=33)
+
+
+def test_directions_table(gpt2_checkpoint):
+    model = load_pretrained(gpt2_checkpoint.path)
+    got = svd_directions(model, "OV", 0, 1, num_vectors=2, top_k=3)
+    lines = got.table(model.tokenizer).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("  0 + S=") and lines[1].startswith("  0 - S=")
+    assert repr(model.tokenizer.decode([int(got.top_tokens[0, 0, 0])])) in lines[0]
+    assert "#" in got.table().splitlines()[0]
