@@ -114,8 +114,11 @@ def _gib(n: float) -> str:
 class Runner:
     """Runs ops on one machine; holds the settings and the measured torch throughput."""
 
-    def __init__(self, repeats: int, reference_timeout: float, torch_device: str) -> None:
+    def __init__(
+        self, repeats: int, reference_timeout: float, torch_device: str, reference: bool = True
+    ) -> None:
         self.repeats = repeats
+        self.reference = reference
         self.reference_timeout = reference_timeout
         self.device = torch_device
         self.flops = measure.torch_matmul_flops(torch_device)
@@ -123,6 +126,8 @@ class Runner:
 
     def reference_skip(self, op: Op, config: Any, tokens_shape: tuple[int, int]) -> str | None:
         """Why TL should not be run for this op (size rule), or ``None``."""
+        if not self.reference:
+            return "not run (--no-reference)"
         nbytes, flops = op.cost(config, tokens_shape)
         free = measure.available_memory(self.device)
         if nbytes > MEMORY_FRACTION * free:
@@ -186,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if torch_device == "auto":
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     name = args.machine or default_machine_name()
-    runner = Runner(args.repeats, args.reference_timeout, torch_device)
+    runner = Runner(args.repeats, args.reference_timeout, torch_device, not args.no_reference)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "machine": {
@@ -329,6 +334,8 @@ def write(report: dict, out_dir: Path, merge: bool) -> tuple[Path, Path]:
         kept = [r for r in old.get("results", []) if (r["shape"], r["op"]) not in new_keys]
         report["results"] = kept + report["results"]
         report["shapes"] = {**old.get("shapes", {}), **report["shapes"]}
+    order = {name: i for i, name in enumerate([*SHAPE_NAMES, *OPS_BY_NAME])}
+    report["results"].sort(key=lambda r: (order.get(r["shape"], 99), order.get(r["op"], 99)))
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(report))
@@ -372,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
         help="skip TL where one call is estimated to take longer, and time it only "
         "once when its warm-up call took longer (default 120)",
     )
+    p.add_argument("--no-reference", action="store_true", help="time lowrank only (no TL)")
     p.add_argument("--machine", help="results file name (default: platform + device kind)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="default benchmarks/results")
     p.add_argument(

@@ -110,7 +110,10 @@ def embedded_weights() -> Weights:
     load = lowrank.load_pretrained
     params = list(inspect.signature(load).parameters.values())
     if params and params[0].default is not inspect.Parameter.empty:
-        model = load()  # the no-argument form loads the embedded model
+        try:
+            model = load()  # the no-argument form loads the embedded model
+        except (lowrank.models.CheckpointError, OSError) as err:
+            raise Unavailable(f"lowrank.load_pretrained() failed: {err}") from err
     else:
         name = getattr(lowrank.models, "EMBEDDED_MODEL", "")
         data = Path(lowrank.__file__).parent / "data"
