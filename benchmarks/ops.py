@@ -149,13 +149,11 @@ def _cost_full_ov(c: ModelConfig, _: Any) -> tuple[float, float]:
     return 2 * n * V * dh * F32, n * (4 * V * d * dh + 2 * V * dh * dh)
 
 
-def _cost_composition(c: ModelConfig, _: Any) -> tuple[float, float]:
+def _cost_composition(c: ModelConfig, tokens_shape: Any) -> tuple[float, float]:
     n, d, dh, _, _ = _sizes(c)  # torch.matmul broadcasting copies both operands n^2 times
-    svd_bytes, svd_flops = _cost_ov_svd(c, _)
-    pairs = n * n
-    return pairs * (2 * dh * d + 2 * dh * dh) * F32 + 2 * svd_bytes, pairs * 2 * dh * dh * d + 2 * (
-        svd_flops
-    )
+    svd_bytes, svd_flops = _cost_ov_svd(c, tokens_shape)
+    nbytes = n * n * (2 * dh * d + 2 * dh * dh) * F32 + 2 * svd_bytes
+    return nbytes, n * n * 2 * dh * dh * d + 2 * svd_flops
 
 
 def _cost_forward(c: ModelConfig, tokens_shape: tuple[int, int]) -> tuple[float, float]:
