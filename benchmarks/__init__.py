@@ -1,0 +1,1 @@
+"""lowrank against TransformerLens on the same weights: ``python -m benchmarks.run``."""
