@@ -104,6 +104,20 @@ class _Serial:
         return out
 
 
+def _thin_svd(x: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD; on CPU with LAPACK's QR iteration (gesvd), ~4x faster than the default
+    divide and conquer (gesdd) on batches of small cores."""
+
+    def qr_iteration(x: Array) -> tuple[Array, Array, Array]:
+        algorithm = jax.lax.linalg.SvdAlgorithm.QR
+        return jax.lax.linalg.svd(x, full_matrices=False, algorithm=algorithm)  # type: ignore[return-value]
+
+    def default(x: Array) -> tuple[Array, Array, Array]:
+        return tuple(jnp.linalg.svd(x, full_matrices=False))  # type: ignore[return-value]
+
+    return jax.lax.platform_dependent(x, cpu=qr_iteration, default=default)
+
+
 def _tri_solve(L: Array, rhs: Array, *, lower: bool) -> Array:
     return jax.scipy.linalg.solve_triangular(L, rhs, lower=lower)
 
@@ -163,11 +177,7 @@ _SVDVALS_MAX_COND = 1e3
 _SVD_MAX_DEFECT = 0.5
 
 
-def _dense_svd(x: Array) -> tuple[Array, Array, Array]:
-    return tuple(jnp.linalg.svd(x, full_matrices=False))  # type: ignore[return-value]
-
-
-@_dispatch(_dense_svd)
+@_dispatch(_thin_svd)
 def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
     """Thin SVD ``A @ B == U @ diag(S) @ Vh``, computed from the factors.
 
@@ -184,7 +194,7 @@ def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
 
     def householder() -> tuple[Array, Array, Array]:
         Qa, Qb, core = _qr_core(run, M, with_q=True)
-        Uc, S, Vhc = run(jnp.linalg.svd, core, full_matrices=False)
+        Uc, S, Vhc = run(_thin_svd, core)
         return _mm(Qa, Uc), S, _mm(Vhc, _mT(Qb))
 
     if not _gram_path_applies(M):
@@ -197,7 +207,7 @@ def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
     gram2 = _stack_factors(M, _mm(_mT(Q1a), Q1a), _mm(_mT(Q1b), Q1b))
     L2 = run(jnp.linalg.cholesky, gram2)
     R = _mT(_mm(L1, L2))  # A = (Q1a L2a^-T) R[0],  B^T = (Q1b L2b^-T) R[1]
-    Uc, S, Vhc = run(jnp.linalg.svd, _mm(R[0], _mT(R[1])), full_matrices=False)
+    Uc, S, Vhc = run(_thin_svd, _mm(R[0], _mT(R[1])))
     rotations = run(_tri_solve, _mT(L2), jnp.stack([Uc, _mT(Vhc)]), lower=False)
     U, Vh = _mm(Q1a, rotations[0]), _mT(_mm(Q1b, rotations[1]))
     defect = jnp.max(jnp.abs(gram2 - eye), axis=(-2, -1))

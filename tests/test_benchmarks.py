@@ -5,20 +5,13 @@ lowrank and TransformerLens agree.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformer_lens")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
-
-from benchmarks import run  # noqa: E402
-from benchmarks.ops import OPS, eig_error, rel_error, svd_error  # noqa: E402
-from benchmarks.shapes import Unavailable, embedded_weights  # noqa: E402
+from benchmarks import run
+from benchmarks.ops import OPS, eig_error, rel_error, svd_error
+from benchmarks.shapes import Unavailable, embedded_weights
 
 # lowrank and TL compute the same float32 quantities by different algorithms (Cholesky QR vs
 # SVDs of the factors, other summation orders); their results differ by ~1e-7 to 1e-5 relative
