@@ -143,6 +143,25 @@ def _householder(alpha: Array, rest: Array) -> tuple[Array, Array, Array]:
     return v_rest, tau, beta
 
 
+def _householder3(x0: Array, x1: Array, x2: Array) -> tuple[Array, Array, Array, Array]:
+    """:func:`_householder` for 3-vectors given as three ``[...]`` arrays (elementwise only).
+
+    Returns ``v1, v2`` (``v = (1, v1, v2)``), ``tau`` and ``beta``.
+    """
+    big = jnp.maximum(jnp.abs(x0), jnp.maximum(jnp.abs(x1), jnp.abs(x2)))
+    safe = jnp.where(big > 0, big, 1)
+    a, b, c = x0 / safe, x1 / safe, x2 / safe
+    rest_sq = b * b + c * c
+    beta_s = -jnp.copysign(jnp.sqrt(a * a + rest_sq), a)
+    reflect = rest_sq > 0
+    denom = jnp.where(reflect, a - beta_s, 1)
+    tau = jnp.where(reflect, (beta_s - a) / jnp.where(reflect, beta_s, 1), 0)
+    v1 = jnp.where(reflect, b / denom, 0)
+    v2 = jnp.where(reflect, c / denom, 0)
+    beta = jnp.where(reflect, beta_s * safe, x0)
+    return v1, v2, tau, beta
+
+
 def _eig2x2(a: Array, b: Array, c: Array, d: Array) -> tuple[Array, Array, Array, Array]:
     """Eigenvalues ``(re1, im1, re2, im2)`` of ``[[a, b], [c, d]]``, scaled and stable.
 
@@ -218,12 +237,15 @@ def _hessenberg(a: Array, want_q: bool) -> tuple[Array, Array | None]:
 
 
 class _Plan(NamedTuple):
-    """Per-matrix block structure and start vectors for one sweep (``[B, n]`` arrays)."""
+    """What each matrix does at each bulge position ``k`` in the coming sweep (``[B, n]``)."""
 
-    start: Array  # first row of the diagonal block holding row i
-    end: Array  # last row of that block
-    active: Array  # block holds row i and has size >= 3 (still to be iterated)
-    v0: Array  # [B, n, 3] first column of (H - s1)(H - s2) for a block starting at row i
+    kind: Array  # 0 idle, 1 first reflector of a block, 2 chase (3 rows), 3 last chase (2 rows)
+    v0: Array  # [B, n, 3] first column of (H - s1)(H - s2) for a block starting at row k
+    k0: Array  # [] first position any matrix is active at
+    k1: Array  # [] one past the last such position
+
+
+_IDLE, _FIRST, _CHASE, _LAST = 0, 1, 2, 3
 
 
 class _QRState(NamedTuple):
@@ -359,8 +381,15 @@ def _plan_sweep(state: _QRState, n: int, max_iterations: int) -> tuple[_QRState,
     failed = state.failed | (busy & (kdefl > max_iterations))
     active = unreduced & ~failed[:, None]
     v0 = _shift_vectors(d, e, f, end, kdefl)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    kind = jnp.where(
+        start == idx, _FIRST, jnp.where(idx + 2 <= end, _CHASE, jnp.where(idx < end, _LAST, _IDLE))
+    )
+    kind = jnp.where(active, kind, _IDLE).astype(jnp.int32)
+    k0 = jnp.min(jnp.where(kind == _FIRST, idx, n)).astype(jnp.int32)
+    k1 = jnp.max(jnp.where(kind != _IDLE, idx + 1, 0)).astype(jnp.int32)
     new_state = state._replace(h=h, kdefl=kdefl, nsplit=nsplit, failed=failed, more=jnp.any(active))
-    return new_state, _Plan(start=start, end=end, active=active, v0=v0)
+    return new_state, _Plan(kind=kind, v0=v0, k0=k0, k1=k1)
 
 
 def _reflect(x: Array, v1: Array, v2: Array, tau: Array, axis: int) -> Array:
@@ -375,31 +404,29 @@ def _reflect(x: Array, v1: Array, v2: Array, tau: Array, axis: int) -> Array:
 
 
 def _bulge_step(k: Array, h: Array, z: Array | None, plan: _Plan) -> tuple[Array, Array | None]:
-    """Apply every matrix's reflector at rows/columns ``k..k+2`` (identity where inactive)."""
+    """Apply every matrix's reflector at rows/columns ``k..k+2`` (identity where idle)."""
     width = h.shape[-1]
+    batch = h.shape[0]
     k = k.astype(jnp.int32)
-    start = lax.dynamic_index_in_dim(plan.start, k, axis=1, keepdims=False)
-    end = lax.dynamic_index_in_dim(plan.end, k, axis=1, keepdims=False)
-    active = lax.dynamic_index_in_dim(plan.active, k, axis=1, keepdims=False)
+    kind = lax.dynamic_index_in_dim(plan.kind, k, axis=1, keepdims=False)
     v0 = lax.dynamic_index_in_dim(plan.v0, k, axis=1, keepdims=False)
-    part = active & (k < end)
-    first = start == k
-    offs = jnp.arange(3, dtype=jnp.int32)
-
-    rows = lax.dynamic_slice_in_dim(h, k, 3, axis=1)  # [B, 3, n + 1]
-    col = lax.dynamic_index_in_dim(rows, jnp.maximum(k - 1, 0), axis=2, keepdims=False)
-    x = jnp.where(first[:, None], v0, col)
-    x = jnp.where(k + offs[None, :] <= end[:, None], x, 0)
-    v_rest, tau, beta = _householder(x[:, 0], x[:, 1:])
-    tau = jnp.where(part, tau, 0)
+    zero = jnp.zeros((), jnp.int32)
+    bulge = lax.dynamic_slice(h, (zero, k, jnp.maximum(k - 1, 0)), (batch, 3, 1))[:, :, 0]
+    first = kind == _FIRST
+    x0 = jnp.where(first, v0[:, 0], bulge[:, 0])
+    x1 = jnp.where(first, v0[:, 1], bulge[:, 1])
+    x2 = jnp.where(first, v0[:, 2], jnp.where(kind == _LAST, 0, bulge[:, 2]))
+    v1, v2, tau, beta = _householder3(x0, x1, x2)
+    tau = jnp.where(kind == _IDLE, 0, tau)
     # Materialise the reflectors before H is updated in place: otherwise XLA fuses their
     # computation into the update kernels, which then need a full copy of H per step.
-    refl = lax.optimization_barrier(jnp.stack([v_rest[:, 0], v_rest[:, 1], tau, beta]))
+    refl = lax.optimization_barrier(jnp.stack([v1, v2, tau, beta]))
     v1, v2, tau, beta = refl[0], refl[1], refl[2], refl[3]
 
-    rows = _reflect(rows, v1, v2, tau, axis=1)
-    chased = (part & ~first)[:, None, None] & (jnp.arange(width, dtype=jnp.int32) == k - 1)
-    new_col = jnp.where(offs == 0, beta[:, None], 0)
+    rows = _reflect(lax.dynamic_slice_in_dim(h, k, 3, axis=1), v1, v2, tau, axis=1)
+    # The chased bulge column becomes (beta, 0, 0) exactly.
+    chased = (kind >= _CHASE)[:, None, None] & (jnp.arange(width, dtype=jnp.int32) == k - 1)
+    new_col = jnp.where(jnp.arange(3) == 0, beta[:, None], 0)
     rows = jnp.where(chased, new_col[:, :, None], rows)
     h = lax.dynamic_update_slice_in_dim(h, rows, k, axis=1)
 
@@ -441,18 +468,13 @@ def _francis_qr(
 
     def sweep(state: _QRState) -> _QRState:
         state, plan = _plan_sweep(state, n, max_iterations)
-        starts = jnp.where(
-            plan.active & (plan.start == jnp.arange(n, dtype=jnp.int32)), plan.start, n
-        )
-        k0 = jnp.min(starts).astype(jnp.int32)
-        k1 = jnp.max(jnp.where(plan.active, plan.end, 0)).astype(jnp.int32)
 
         def body(k: Array, carry: tuple[Array, Array | None]) -> tuple[Array, Array | None]:
             return _bulge_step(k, carry[0], carry[1], plan)
 
-        h, z = lax.fori_loop(k0, k1, body, (state.h, state.z))
+        h, z = lax.fori_loop(plan.k0, plan.k1, body, (state.h, state.z))
         return state._replace(
-            h=h, z=z, sweeps=state.sweeps + 1, steps=state.steps + jnp.maximum(k1 - k0, 0)
+            h=h, z=z, sweeps=state.sweeps + 1, steps=state.steps + jnp.maximum(plan.k1 - plan.k0, 0)
         )
 
     def cond(state: _QRState) -> Array:
