@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank.eig import _francis_qr, _hessenberg, _prepare, eig_with_info, eigvals_with_info
+from lowrank.eig import _BULGES, _francis_qr, _hessenberg, _prepare, _solve
 
 
 def _time(fn: Callable[..., Any], x: jax.Array, repeats: int) -> dict[str, float]:
@@ -41,12 +41,12 @@ def _time(fn: Callable[..., Any], x: jax.Array, repeats: int) -> dict[str, float
     return {"compile_s": compile_s, "median_s": statistics.median(runs), "min_s": min(runs)}
 
 
-def _sequential_steps(x: jax.Array) -> dict[str, int]:
+def _sequential_steps(x: jax.Array, bulges: int) -> dict[str, int]:
     @jax.jit
     def counts(x: jax.Array) -> jax.Array:
-        scaled, _, _ = _prepare(x.astype(jnp.float32) if x.dtype != jnp.float64 else x)
+        scaled, _, _ = _prepare(x)
         h, _ = _hessenberg(scaled, False)
-        return _francis_qr(h, None, 40)[2]
+        return _francis_qr(h, None, 40, bulges)[2]
 
     sweeps, steps = (int(c) for c in counts(x))
     n = x.shape[-1]
@@ -64,6 +64,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--bulges",
+        type=int,
+        default=None,
+        help="bulges per QR sweep (default: the platform's choice, 1 on CPU, "
+        f"{_BULGES} on GPU/TPU)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip jnp.linalg timings")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -73,6 +80,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((args.batch, args.n, args.n)), args.dtype)
     backend = jax.default_backend()
+    bulges = args.bulges or (1 if backend == "cpu" else _BULGES)
     result: dict[str, Any] = {
         "backend": backend,
         "device": str(jax.devices()[0]),
@@ -80,11 +88,12 @@ def main() -> None:
         "batch": args.batch,
         "n": args.n,
         "dtype": args.dtype,
-        "steps": _sequential_steps(x),
-        "lowrank.eigvals": _time(lambda a: eigvals_with_info(a)[0], x, args.repeats),
-        "lowrank.eig": _time(lambda a: eig_with_info(a)[:2], x, args.repeats),
+        "bulges_per_sweep": bulges,
+        "steps": _sequential_steps(x, bulges),
+        "lowrank.eigvals": _time(lambda a: _solve(a, False, 40, bulges)[0], x, args.repeats),
+        "lowrank.eig": _time(lambda a: _solve(a, True, 40, bulges)[:2], x, args.repeats),
     }
-    w, converged = jax.jit(eigvals_with_info)(x)
+    w, _, converged = jax.jit(lambda a: _solve(a, False, 40, bulges))(x)
     result["converged_fraction"] = float(jnp.mean(converged))
     if not args.no_reference and backend in ("cpu", "gpu", "cuda"):
         result["jnp.linalg.eigvals"] = _time(jnp.linalg.eigvals, x, args.repeats)

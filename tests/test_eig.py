@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowrank.eig import eig, eig_with_info, eigvals, eigvals_with_info
+from lowrank.eig import _solve, eig, eig_with_info, eigvals, eigvals_with_info
 
 # One compiled program per input shape, shared by all tests.
 EIGVALS = jax.jit(eigvals_with_info)
@@ -159,6 +159,26 @@ def test_families_n64(family):
     w, converged = EIGVALS(a)
     assert bool(jnp.all(converged))
     assert np.max(_spectral_error(w, a)) < TOL32
+
+
+@pytest.mark.parametrize(
+    ("family", "n"),
+    [(random_gaussian, 64), (random_gaussian, 7), (repeated, 16), (skew_symmetric, 9)]
+    + [(f, 16) for f in (rotations, cyclic_permutation, low_rank, triangular)],
+)
+def test_two_bulges_per_sweep(family, n):
+    """The multishift variant used on GPU/TPU (two bulges per sweep), run here on CPU."""
+    rng = np.random.default_rng(n + 1)
+    a = family(rng, 7, n).astype(np.float32)
+    w, v, converged = _solve(jnp.asarray(a), True, 40, 2)
+    assert bool(jnp.all(converged))
+    assert np.max(_spectral_error(w, a)) < TOL32
+    w_one, _, _ = _solve(jnp.asarray(a), False, 40, 1)
+    assert np.max(_spectral_error(w_one, a)) < TOL32
+    a64 = a.astype(np.float64)
+    v = np.asarray(v).astype(np.complex128)
+    residual = np.linalg.norm(a64 @ v - v * np.asarray(w)[:, None, :], axis=-2)
+    assert np.max(residual / np.linalg.norm(a64, 2, axis=(-2, -1))[:, None]) < TOL32
 
 
 def test_purely_imaginary_spectrum():
