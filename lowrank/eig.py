@@ -782,7 +782,33 @@ def _solve(
 
     Jitted so that eager calls run one compiled program (inlined under an outer ``jit``).
     ``bulges`` (bulges per QR sweep) is for tests and benchmarks; None picks it per platform.
+    Under ``jax.vmap`` the mapped axis is folded into the batch axis (a custom batching rule),
+    so a vmapped call runs the same lock-step program as a batched one.
     """
+
+    @jax.custom_batching.custom_vmap
+    def solve(x: Array) -> tuple[Array, ...]:
+        w, v, converged = _solve_batch(x, want_vectors, max_iterations, bulges)
+        return (w, converged) if v is None else (w, v, converged)
+
+    @solve.def_vmap
+    def _fold_mapped_axis(
+        axis_size: int, in_batched: list[bool], x: Array
+    ) -> tuple[tuple[Array, ...], tuple[bool, ...]]:
+        if not in_batched[0]:
+            out = solve(x)
+            return out, tuple(False for _ in out)
+        out = solve(x.reshape(-1, *x.shape[2:]))  # [V, B, n, n] -> [V * B, n, n]
+        return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in out), tuple(True for _ in out)
+
+    out = solve(a)
+    return (out[0], None, out[1]) if len(out) == 2 else (out[0], out[1], out[2])
+
+
+def _solve_batch(
+    a: Array, want_vectors: bool, max_iterations: int, bulges: int | None
+) -> tuple[Array, Array | None, Array]:
+    """:func:`_solve` for a flat batch ``[B, n, n]``."""
     batch, n, _ = a.shape
     cdtype = _complex_dtype(a.dtype)
     a, scale, finite = _prepare(a)

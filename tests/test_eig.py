@@ -356,8 +356,10 @@ def test_jit_and_vmap_agree_with_batched_call():
     batched = np.asarray(eigvals(a))
     jitted = np.asarray(jax.jit(eigvals)(a))
     vmapped = np.asarray(jax.vmap(eigvals)(a))
-    nested = np.asarray(jax.jit(jax.vmap(eigvals))(a.reshape(2, 3, 16, 16))).reshape(6, 16)
-    for other in (jitted, vmapped, nested):
+    nested = np.asarray(jax.jit(jax.vmap(jax.vmap(eigvals)))(a.reshape(2, 3, 16, 16)))
+    nested = nested.reshape(6, 16)
+    last_axis = np.asarray(jax.vmap(eigvals, in_axes=2)(np.moveaxis(a, 0, 2)))
+    for other in (jitted, vmapped, nested, last_axis):
         assert np.max(_spectral_error(other, a)) < TOL32
         np.testing.assert_allclose(np.sort_complex(other), np.sort_complex(batched), atol=1e-5)
     w, v = jax.vmap(eig)(a)
