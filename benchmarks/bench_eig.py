@@ -1,4 +1,4 @@
-"""Time the pure-JAX eigensolver (``lowrank.eig``) against ``jnp.linalg.eigvals``/``eig``.
+"""Time the pure-JAX eigensolver (``lowrank.eigensolver``) against ``jnp.linalg.eigvals``/``eig``.
 
 Usage::
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank.eig import _BULGES, _francis_qr, _hessenberg, _prepare, _solve
+from lowrank.eigensolver import _BULGES, _francis_qr, _hessenberg, _prepare, _solve
 
 
 def _time(fn: Callable[..., Any], x: jax.Array, repeats: int) -> dict[str, float]:
@@ -104,7 +104,7 @@ def main() -> None:
         "bulges_per_sweep": bulges,
         "steps": _sequential_steps(x, bulges),
         "lowrank.eigvals": _time(lambda a: _solve(a, False, 40, bulges)[0], x, args.repeats),
-        "lowrank.eig": _time(lambda a: _solve(a, True, 40, bulges)[:2], x, args.repeats),
+        "lowrank.eigensolver": _time(lambda a: _solve(a, True, 40, bulges)[:2], x, args.repeats),
     }
     w, _, converged = jax.jit(lambda a: _solve(a, False, 40, bulges))(x)
     result["converged_fraction"] = float(jnp.mean(converged))

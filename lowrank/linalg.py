@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import eigensolver
 from lowrank.factored import FactoredMatrix
 
 Array = jax.Array
@@ -238,9 +239,24 @@ def svdvals(M: FactoredMatrix) -> Array:
     return _with_fallback(run, S, cond, _SVDVALS_MAX_COND, householder)
 
 
+def _eigvals(x: Array) -> Array:
+    """LAPACK's ``geev`` on CPU; the batched pure-JAX solver elsewhere (XLA's ``eig`` does not
+    exist on TPU and runs one matrix at a time on GPU)."""
+    return jax.lax.platform_dependent(x, cpu=jnp.linalg.eigvals, default=eigensolver.eigvals)
+
+
+def _eig(x: Array) -> tuple[Array, Array]:
+    """Eigenvalues and unit right eigenvectors; backends as in :func:`_eigvals`."""
+
+    def lapack(x: Array) -> tuple[Array, Array]:
+        return tuple(jnp.linalg.eig(x))  # type: ignore[return-value]
+
+    return jax.lax.platform_dependent(x, cpu=lapack, default=eigensolver.eig)
+
+
 def _dense_eigvals(x: Array) -> Array:
     _require_square(x.shape, "eigvals")
-    return jnp.linalg.eigvals(x)
+    return _eigvals(x)
 
 
 def _small_square(M: FactoredMatrix, fn: str) -> tuple[Array, bool]:
@@ -260,12 +276,12 @@ def eigvals(M: FactoredMatrix) -> Array:
     ``min(l, m)`` entries.
     """
     small, _ = _small_square(M, "eigvals")
-    return jnp.linalg.eigvals(small)
+    return _eigvals(small)
 
 
 def _dense_eig(x: Array) -> tuple[Array, Array]:
     _require_square(x.shape, "eig")
-    return tuple(jnp.linalg.eig(x))  # type: ignore[return-value]
+    return _eig(x)
 
 
 @_dispatch(_dense_eig)
@@ -276,7 +292,7 @@ def eig(M: FactoredMatrix) -> tuple[Array, Array]:
     eigenvalues are ``A v``. For zero eigenvalues ``A v`` may vanish; those columns are zero.
     """
     small, is_BA = _small_square(M, "eig")
-    w, v = jnp.linalg.eig(small)
+    w, v = _eig(small)
     if not is_BA:
         return w, v
     vecs = _mm(M.A.astype(v.dtype), v)

@@ -1,4 +1,4 @@
-"""Tests for the batched pure-JAX nonsymmetric eigenvalue solver (``lowrank.eig``).
+"""Tests for the batched pure-JAX nonsymmetric eigenvalue solver (``lowrank.eigensolver``).
 
 Reference: ``np.linalg.eigvals``/``eig`` in float64 on the same (float32-rounded) matrices.
 Spectra are compared as multisets through an optimal matching. Tolerances are relative to the
@@ -13,13 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import lowrank
-import lowrank.linalg
-from lowrank.eig import _solve, eig, eig_with_info, eigvals, eigvals_with_info
-
-# Importing the submodule rebinds the package attribute ``lowrank.eig`` to it unless
-# lowrank/__init__.py imported the submodule first; keep the public function for other tests.
-lowrank.eig = lowrank.linalg.eig
+from lowrank.eigensolver import _solve, eig, eig_with_info, eigvals, eigvals_with_info
 
 # One compiled program per input shape, shared by all tests.
 EIGVALS = jax.jit(eigvals_with_info)
