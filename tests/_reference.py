@@ -25,6 +25,18 @@ def assert_rel_close(actual, expected, rtol=RTOL, what=""):
     assert err <= rtol * scale, f"{what}: max abs error {err:.3g} > {rtol} * {scale:.3g}"
 
 
+def singular_vector_rtol(S, n, rtol=RTOL):
+    """Tolerance for the first ``n`` float32 singular vectors of a matrix with spectrum ``S``.
+
+    A singular vector is determined only up to ``~eps * S[0] / gap`` (Davis-Kahan), where
+    ``gap`` separates its singular value from the rest; nearly tied values loosen the bound.
+    The factor 30 covers the accumulated rounding of a float32 SVD.
+    """
+    S = np.asarray(S, np.float64)
+    gap = np.min(S[:-1] - S[1:], initial=np.inf, where=np.arange(len(S) - 1) < n)
+    return max(rtol, 30 * float(np.finfo(np.float32).eps) * S[0] / max(gap, 1e-30))
+
+
 def sort_complex(x):
     """Sort the last axis by (real, imag) after rounding, for multiset comparisons."""
     x = np.asarray(x, dtype=np.complex128)
