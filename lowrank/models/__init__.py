@@ -24,6 +24,7 @@ Example::
 
 from lowrank.models._common import CheckpointError, Params
 from lowrank.models.config import ModelConfig, config_from_hf
+from lowrank.models.export import gpt2_config_dict, gpt2_state_dict, save_pretrained
 from lowrank.models.gpt2 import convert_gpt2_state_dict, gpt2_state_dict_shapes
 from lowrank.models.gpt_neo import convert_gpt_neo_state_dict, gpt_neo_state_dict_shapes
 from lowrank.models.loading import (
@@ -64,6 +65,8 @@ __all__ = [
     "fold_layer_norm",
     "fold_value_biases",
     "forward",
+    "gpt2_config_dict",
+    "gpt2_state_dict",
     "gpt2_state_dict_shapes",
     "gpt_neo_state_dict_shapes",
     "init_params",
@@ -76,4 +79,5 @@ __all__ = [
     "read_config",
     "refactor_factored_attn_matrices",
     "resolve_checkpoint",
+    "save_pretrained",
 ]
