@@ -17,6 +17,7 @@ The canonical parameter tree (nested dicts, layer-stacked, TransformerLens names
 
 Example::
 
+    model = load_pretrained()                 # the embedded 2-layer model, offline
     model = load_pretrained("gpt2")           # folded + centred, like TransformerLens
     logits = model(model.to_tokens("Hello"))  # [1, seq, d_vocab]
     copying = model.OV.eigenvalues            # [12, 12, 64]
@@ -24,11 +25,14 @@ Example::
 
 from lowrank.models._common import CheckpointError, Params
 from lowrank.models.config import ModelConfig, config_from_hf
+from lowrank.models.export import gpt2_config_dict, gpt2_state_dict, save_pretrained
 from lowrank.models.gpt2 import convert_gpt2_state_dict, gpt2_state_dict_shapes
 from lowrank.models.gpt_neo import convert_gpt_neo_state_dict, gpt_neo_state_dict_shapes
 from lowrank.models.loading import (
+    EMBEDDED_MODEL,
     StateDict,
     convert_state_dict,
+    embedded_model_path,
     load_pretrained,
     load_tokenizer,
     open_state_dict,
@@ -65,9 +69,12 @@ __all__ = [
     "convert_gpt2_state_dict",
     "convert_gpt_neo_state_dict",
     "convert_state_dict",
+    "embedded_model_path",
     "fold_layer_norm",
     "fold_value_biases",
     "forward",
+    "gpt2_config_dict",
+    "gpt2_state_dict",
     "gpt2_state_dict_shapes",
     "gpt_neo_state_dict_shapes",
     "init_params",
@@ -80,4 +87,5 @@ __all__ = [
     "read_config",
     "refactor_factored_attn_matrices",
     "resolve_checkpoint",
+    "save_pretrained",
 ]

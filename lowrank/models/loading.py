@@ -38,9 +38,11 @@ from lowrank.models.model import TransformerModel
 from lowrank.models.processing import process_params
 
 __all__ = [
+    "EMBEDDED_MODEL",
     "CheckpointError",
     "StateDict",
     "convert_state_dict",
+    "embedded_model_path",
     "load_pretrained",
     "load_tokenizer",
     "open_state_dict",
@@ -48,6 +50,10 @@ __all__ = [
     "read_config",
     "resolve_checkpoint",
 ]
+
+#: Name of the small model shipped in ``lowrank/data`` (a 2-layer GPT-2 with an induction
+#: circuit, see ``lowrank/data/induction-2l/README.md``); ``load_pretrained()`` loads it.
+EMBEDDED_MODEL = "induction-2l"
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -367,6 +373,20 @@ def _download(name: str, revision: str | None, cache_dir: str | None, allow_pick
     return Path(path)
 
 
+def embedded_model_path() -> Path:
+    """The directory of the embedded model :data:`EMBEDDED_MODEL` inside the package."""
+    from importlib.resources import files
+
+    path = Path(str(files("lowrank") / "data" / EMBEDDED_MODEL))
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"the embedded model {EMBEDDED_MODEL!r} is missing from this installation "
+            f"(expected {str(path)!r}); reinstall lowrank, or rebuild it with "
+            f"'python -m lowrank.data.train_embedded --out {str(path)!r}'"
+        )
+    return path
+
+
 def resolve_checkpoint(
     name_or_path: str | os.PathLike[str],
     *,
@@ -378,7 +398,9 @@ def resolve_checkpoint(
 
     A hub id (``"gpt2"``, ``"EleutherAI/gpt-neo-125M"``) is fetched with
     ``huggingface_hub.snapshot_download`` (config, safetensors and tokenizer files only;
-    pickle weights too when ``allow_pickle``), from the cache when offline.
+    pickle weights too when ``allow_pickle``), from the cache when offline. The name
+    :data:`EMBEDDED_MODEL` (``"induction-2l"``) means the model shipped with the package,
+    unless a local directory of that name exists.
 
     Raises:
         CheckpointError: not a directory and not fetchable (the message says what to do).
@@ -395,6 +417,8 @@ def resolve_checkpoint(
         )
     if _looks_like_path(name):
         raise CheckpointError(f"no such directory: {name!r}")
+    if name == EMBEDDED_MODEL:
+        return embedded_model_path()
     return _download(
         name, revision, None if cache_dir is None else os.fspath(cache_dir), allow_pickle
     )
@@ -486,7 +510,7 @@ def _check_dtype(dtype: Any) -> np.dtype[Any]:
 
 
 def load_pretrained(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] | None = None,
     *,
     fold_ln: bool = True,
     center_writing_weights: bool = True,
@@ -504,7 +528,9 @@ def load_pretrained(
 
     Args:
         name_or_path: a local directory (``config.json`` + ``model.safetensors`` or a
-            sharded ``model.safetensors.index.json``) or a Hugging Face hub id.
+            sharded ``model.safetensors.index.json``) or a Hugging Face hub id. ``None``
+            (or :data:`EMBEDDED_MODEL`, ``"induction-2l"``) loads the small model shipped
+            with the package, offline.
         fold_ln, center_writing_weights, center_unembed, fold_value_biases,
             refactor_factored_attn_matrices: TransformerLens's processing steps (see
             :mod:`lowrank.models.processing`); processing runs in float32 (float64 for
@@ -522,7 +548,10 @@ def load_pretrained(
     """
     dt = _check_dtype(dtype)
     directory = resolve_checkpoint(
-        name_or_path, revision=revision, cache_dir=cache_dir, allow_pickle=allow_pickle
+        EMBEDDED_MODEL if name_or_path is None else name_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        allow_pickle=allow_pickle,
     )
     config = read_config(directory)
     compute = np.float64 if dt == np.float64 else np.float32

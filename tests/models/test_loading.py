@@ -302,3 +302,39 @@ def test_peak_host_memory_about_twice_the_weights(tmp_path):
     size = sum(x.nbytes for x in jax.tree_util.tree_leaves(model))
     assert size > 4_000_000
     assert peak < 1.8 * size, f"peak host memory {peak / size:.2f} x the weights"
+
+
+def test_embedded_model_by_default_and_by_name(monkeypatch):
+    """load_pretrained() and load_pretrained("induction-2l") read the package data, offline."""
+    from lowrank.models import EMBEDDED_MODEL, embedded_model_path, loading
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the embedded model must not touch the hub")
+
+    monkeypatch.setattr(loading, "_download", no_hub)
+    path = embedded_model_path()
+    assert path.is_dir() and (path / "model.safetensors").is_file()
+    assert resolve_checkpoint(EMBEDDED_MODEL) == path
+    default = load_pretrained()
+    assert default.ln_folded and default.tokenizer is not None  # default processing
+    assert_same_params(default, load_pretrained(EMBEDDED_MODEL))
+    assert_same_params(default, load_pretrained(path))
+    raw = load_pretrained(**NO_PROCESSING)
+    assert not raw.ln_folded
+
+
+def test_local_directory_shadows_embedded_name(monkeypatch, tmp_path, gpt2_checkpoint):
+    from lowrank.models import EMBEDDED_MODEL
+
+    copy_checkpoint(gpt2_checkpoint.path, tmp_path / EMBEDDED_MODEL)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(EMBEDDED_MODEL).resolve() == (tmp_path / EMBEDDED_MODEL).resolve()
+    assert load_pretrained(EMBEDDED_MODEL).config.n_layers == 3  # the local checkpoint
+
+
+def test_missing_embedded_model_says_how_to_rebuild(monkeypatch):
+    from lowrank.models import embedded_model_path, loading
+
+    monkeypatch.setattr(loading, "EMBEDDED_MODEL", "no-such-model")
+    with pytest.raises(CheckpointError, match="python -m lowrank.data.train_embedded"):
+        embedded_model_path()
