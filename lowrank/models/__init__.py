@@ -31,6 +31,7 @@ from lowrank.models.gpt_neo import convert_gpt_neo_state_dict, gpt_neo_state_dic
 from lowrank.models.loading import (
     EMBEDDED_MODEL,
     StateDict,
+    available_locally,
     convert_state_dict,
     embedded_model_path,
     load_pretrained,
@@ -52,9 +53,6 @@ from lowrank.models.processing import (
 )
 from lowrank.models.transformer import Transformer, forward, init_params
 
-#: Name of the small model shipped in the package (``lowrank/data/``).
-EMBEDDED_MODEL = "induction-2l"
-
 __all__ = [
     "EMBEDDED_MODEL",
     "CheckpointError",
@@ -63,6 +61,7 @@ __all__ = [
     "StateDict",
     "Transformer",
     "TransformerModel",
+    "available_locally",
     "center_unembed",
     "center_writing_weights",
     "config_from_hf",

@@ -39,6 +39,7 @@ from lowrank.models.processing import process_params
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "available_locally",
     "CheckpointError",
     "StateDict",
     "convert_state_dict",
@@ -385,6 +386,45 @@ def embedded_model_path() -> Path:
             f"'python -m lowrank.data.train_embedded --out {str(path)!r}'"
         )
     return path
+
+
+def available_locally(
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> bool:
+    """Whether ``load_pretrained(name_or_path)`` can find its files without the network.
+
+    True for a local directory holding ``config.json``, for :data:`EMBEDDED_MODEL`, and for a
+    hub id whose config and safetensors weights are in the Hugging Face cache. Never
+    downloads anything: notebooks use it to pick a real model when one is present.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return (path / CONFIG_FILE).is_file()
+    if name == EMBEDDED_MODEL:
+        try:
+            embedded_model_path()
+        except CheckpointError:
+            return False
+        return True
+    if _looks_like_path(name):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    cache = os.fspath(cache_dir) if cache_dir is not None else _hub_cache_dir()
+
+    def cached(filename: str) -> bool:
+        try:
+            found = try_to_load_from_cache(name, filename, cache_dir=cache, revision=revision)
+        except HFValidationError:
+            return False
+        return isinstance(found, str)
+
+    return cached(CONFIG_FILE) and (cached(SAFETENSORS_FILE) or cached(SAFETENSORS_INDEX))
 
 
 def resolve_checkpoint(

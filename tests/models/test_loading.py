@@ -203,6 +203,35 @@ def test_hub_id_offline_from_cache(offline_empty_hub, gpt2_checkpoint, gpt2_mode
     assert model.tokenizer is not None
 
 
+def test_available_locally(offline_empty_hub, gpt2_checkpoint, tmp_path, monkeypatch):
+    """True only where load_pretrained needs no network; never downloads."""
+    from lowrank.models import EMBEDDED_MODEL, available_locally, loading
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("available_locally must not download")
+
+    monkeypatch.setattr(loading, "_download", no_hub)
+    assert available_locally(EMBEDDED_MODEL)
+    assert available_locally(gpt2_checkpoint.path)
+    assert not available_locally(tmp_path)  # a directory without config.json
+    assert not available_locally(tmp_path / "missing")
+    assert not available_locally("gpt2")  # the cache is empty
+    assert not available_locally("not a valid id")
+    repo = offline_empty_hub / "models--someorg--tiny-gpt2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copy(gpt2_checkpoint.path / "config.json", snapshot)
+    assert not available_locally("someorg/tiny-gpt2")  # config without weights
+    shutil.copy(gpt2_checkpoint.path / "model.safetensors", snapshot)
+    assert available_locally("someorg/tiny-gpt2")
+    assert not available_locally("someorg/tiny-gpt2", revision="other")
+    monkeypatch.setattr(loading, "EMBEDDED_MODEL", "no-such-model")
+    assert not available_locally("no-such-model")
+
+
 def test_invalid_hub_id(offline_empty_hub):
     with pytest.raises(CheckpointError, match="neither an existing local directory nor a valid"):
         load_pretrained("not a valid id")
