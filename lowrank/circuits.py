@@ -122,7 +122,7 @@ def _right_factors(model: Any, kind: str) -> tuple[Array, Array]:
     raise ValueError(f"composition_scores: kind must be 'Q', 'K' or 'V', got {kind!r}")
 
 
-def composition_scores(model: Any, kind: CompositionKind) -> Array:
+def composition_scores(model: Any, kind: CompositionKind, *, pair_sharding: Any = None) -> Array:
     """Q-, K- or V-composition ``||L R||_F / (||L||_F ||R||_F)`` of all head pairs.
 
     ``L`` is the OV circuit of an earlier head; ``R`` is the QK circuit (``kind="Q"``), its
@@ -134,6 +134,10 @@ def composition_scores(model: Any, kind: CompositionKind) -> Array:
     ``G2 = B2 B2^T`` are ``d_head x d_head``: one large matrix product for all pairs and no
     decompositions. Only pairs with the right head in a later layer are computed, a few
     layer pairs at a time.
+
+    Args:
+        pair_sharding: a 1-D sharding over which each step's layer pairs are split (set by
+            :func:`lowrank.sharding.composition_scores`; ``None`` on one device).
 
     Returns:
         ``[L, H, L, H]`` (left layer, left head, right layer, right head), zero unless
@@ -153,13 +157,17 @@ def composition_scores(model: Any, kind: CompositionKind) -> Array:
     # bounded memory, a compile time independent of depth, no work on masked pairs.
     left, right = np.triu_indices(n_layers, k=1)
     block = (n_heads * d_head) ** 2
-    steps = -(-len(left) // max(1, _COMPOSITION_STEP_ELEMENTS // block))
+    devices = 1 if pair_sharding is None else len(pair_sharding.device_set)
+    steps = -(-len(left) // max(devices, _COMPOSITION_STEP_ELEMENTS // block))
     per_step = -(-len(left) // steps)  # balanced steps: at most steps - 1 padded pairs
+    per_step = -(-per_step // devices) * devices  # every device gets as many pairs
     padded_left = np.resize(left, steps * per_step).reshape(steps, per_step)
     padded_right = np.resize(right, steps * per_step).reshape(steps, per_step)
 
     def pair_norms(_: None, pair: tuple[Array, Array]) -> tuple[None, Array]:
         lo, hi = pair
+        if pair_sharding is not None:
+            lo, hi = jax.lax.with_sharding_constraint((lo, hi), pair_sharding)
         C = _mm(B1_rows[lo], A2_cols[hi])  # [k, H dh, H dh]
         C = C.reshape(per_step, n_heads, d_head, n_heads, d_head)
         left_side = jnp.einsum("khab,khbgc->khagc", G1[lo], C, precision=HIGHEST)

@@ -19,6 +19,12 @@ and index.html (tables and figures on one page). MODEL is a local checkpoint dir
 (config.json + model.safetensors) or a Hugging Face hub id (needs the hub cache or network);
 by default the small model embedded in the package. Weights are processed as in
 TransformerLens (fold LayerNorm, centre writing weights and unembedding, fold value biases).
+With --distributed, every process of a multi-host job (a TPU pod slice, several GPU hosts, or
+processes on one machine) runs this same command: jax.distributed.initialize() joins them, each
+process reads the checkpoint memory-mapped and places only the slices its own devices hold on
+a (layers, heads) mesh over all devices, the per-head analyses run sharded, and process 0
+prints and writes the report. On TPU pods and SLURM the coordinator, process count and id are
+detected; elsewhere pass them.
 Exit status: 0 on success, 2 when the model cannot be loaded or the arguments are wrong."""
 
 
@@ -50,7 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--quiet", action="store_true", help="no progress bar (tables are still printed)"
     )
+    pod = report.add_argument_group("multi-process (pod) runs")
+    pod.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a jax.distributed job and shard the analyses over all of its devices",
+    )
+    pod.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0 (default: detected)"
+    )
+    pod.add_argument("--num-processes", type=int, metavar="N", help="(default: detected)")
+    pod.add_argument("--process-id", type=int, metavar="I", help="(default: detected)")
     return parser
+
+
+def _join_distributed(args: argparse.Namespace) -> None:
+    import jax
+
+    # CPU processes exchange data through gloo; accelerators use their own interconnect.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -60,9 +89,22 @@ def _report(args: argparse.Namespace) -> int:
     if args.top_heads < 1:
         print("error: --top-heads must be at least 1", file=sys.stderr)
         return 2
-    progress = None if args.quiet else Progress(total=8)
+    mesh = None
+    if args.distributed:
+        _join_distributed(args)
+    writer = not args.distributed or _process_index() == 0
+    progress = None if args.quiet or not writer else Progress(total=8)
     try:
-        model = load_pretrained(args.model)
+        if args.distributed:
+            from lowrank import sharding
+            from lowrank.models import read_config, resolve_checkpoint
+
+            directory = resolve_checkpoint(args.model)
+            config = read_config(directory)
+            mesh = sharding.make_mesh(config.n_layers, config.n_heads)
+            model = load_pretrained(directory, place=sharding.sharded_place(mesh))
+        else:
+            model = load_pretrained(args.model)
     except (CheckpointError, OSError, ValueError) as err:
         message = " ".join(str(err).split())
         print(f"error: cannot load model {args.model!r}: {message}", file=sys.stderr)
@@ -70,14 +112,22 @@ def _report(args: argparse.Namespace) -> int:
     if progress:
         progress.step("load model")
     report = build_report(
-        model, args.out, name=args.model, top_heads=args.top_heads, progress=progress
+        model, args.out, name=args.model, top_heads=args.top_heads, progress=progress, mesh=mesh
     )
+    if not writer:
+        return 0
     page = write_html(report, args.out)
     if progress:
         progress.step("report.json + index.html")
     print(format_tables(report))
     print(f"\nWrote {len(report['figures'])} figures, report.json and {page}")
     return 0
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,11 @@ the factors. bfloat16/float16 inputs are computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import math
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -22,7 +25,54 @@ Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 R = TypeVar("R")
 
-__all__ = ["eig", "eigvals", "low_rank_approx", "norm", "svd", "svdvals", "trace"]
+__all__ = [
+    "eig",
+    "eigvals",
+    "lapack_one_matrix_at_a_time",
+    "low_rank_approx",
+    "norm",
+    "svd",
+    "svdvals",
+    "trace",
+]
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def lapack_one_matrix_at_a_time() -> Iterator[None]:
+    """Functions traced in this context loop over their batch, one matrix per LAPACK call.
+
+    jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block on it.
+    When several CPU devices run such kernels at once (a program sharded over a multi-device
+    CPU mesh) the blocked waiters can hold every pool thread: a deadlock (DESIGN.md). A kernel
+    given a single matrix runs inline. :func:`lowrank.sharding.sharded` enters this context on
+    CPU meshes; it changes nothing on other platforms.
+    """
+    previous = getattr(_tracing, "per_matrix", False)
+    _tracing.per_matrix = True
+    try:
+        yield
+    finally:
+        _tracing.per_matrix = previous
+
+
+def _per_matrix(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn(*matrices, **kwargs)``, looped over the broadcast batch axes of its matrix
+    arguments inside :func:`lapack_one_matrix_at_a_time`."""
+
+    @functools.wraps(fn)
+    def wrapper(*matrices: Array, **kwargs: Any) -> R:
+        batch = jnp.broadcast_shapes(*(m.shape[:-2] for m in matrices))
+        if not getattr(_tracing, "per_matrix", False) or math.prod(batch) <= 1:
+            return fn(*matrices, **kwargs)
+        flat = [
+            jnp.broadcast_to(m, batch + m.shape[-2:]).reshape(-1, *m.shape[-2:]) for m in matrices
+        ]
+        out = jax.lax.map(lambda ms: fn(*ms, **kwargs), flat)
+        return jax.tree_util.tree_map(lambda y: y.reshape(batch + y.shape[1:]), out)
+
+    return wrapper
 
 
 def _mm(x: Array, y: Array) -> Array:
@@ -100,11 +150,12 @@ class _Serial:
             # cannot fold away, so ``x`` now depends on the previous outputs.
             tie = sum(jnp.isnan(jnp.reshape(d, (-1,))[0]).astype(x.dtype) for d in self._last)
             x = x + 0 * tie
-        out = fn(x, *args, **kwargs)
+        out = _per_matrix(fn)(x, *args, **kwargs)
         self._last = [leaf for leaf in jax.tree_util.tree_leaves(out) if leaf.size]
         return out
 
 
+@_per_matrix
 def _thin_svd(x: Array) -> tuple[Array, Array, Array]:
     """Thin SVD; on CPU with LAPACK's QR iteration (gesvd), ~4x faster than the default
     divide and conquer (gesdd) on batches of small cores."""
@@ -119,6 +170,7 @@ def _thin_svd(x: Array) -> tuple[Array, Array, Array]:
     return jax.lax.platform_dependent(x, cpu=qr_iteration, default=default)
 
 
+@_per_matrix
 def _tri_solve(L: Array, rhs: Array, *, lower: bool) -> Array:
     return jax.scipy.linalg.solve_triangular(L, rhs, lower=lower)
 
@@ -215,7 +267,14 @@ def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
     return _with_fallback(run, (U, S, Vh), defect, _SVD_MAX_DEFECT, householder)
 
 
+@_per_matrix
 def _dense_svdvals(x: Array) -> Array:
+    # Square it up with a QR first: LAPACK's gesdd, as jaxlib calls it, allocates U [l, l] even
+    # without vectors (275 GB for a 262144 x 768 embedding grid).
+    if x.shape[-2] < x.shape[-1]:
+        x = _mT(x)
+    if x.shape[-2] > x.shape[-1]:
+        x = jnp.linalg.qr(x, mode="r")
     return jnp.linalg.svd(x, compute_uv=False)
 
 
@@ -239,12 +298,14 @@ def svdvals(M: FactoredMatrix) -> Array:
     return _with_fallback(run, S, cond, _SVDVALS_MAX_COND, householder)
 
 
+@_per_matrix
 def _eigvals(x: Array) -> Array:
     """LAPACK's ``geev`` on CPU; the batched pure-JAX solver elsewhere (XLA's ``eig`` does not
     exist on TPU and runs one matrix at a time on GPU)."""
     return jax.lax.platform_dependent(x, cpu=jnp.linalg.eigvals, default=eigensolver.eigvals)
 
 
+@_per_matrix
 def _eig(x: Array) -> tuple[Array, Array]:
     """Eigenvalues and unit right eigenvectors; backends as in :func:`_eigvals`."""
 

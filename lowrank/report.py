@@ -1,7 +1,9 @@
 """The all-heads weight report: tables, figures, ``report.json`` and ``index.html``.
 
 Each analysis is jitted on its own (never two decompositions in one program, see
-``lowrank.linalg._Serial``), and the figures are written as PNG files next to the JSON.
+``lowrank.linalg._Serial``), and the figures are written as PNG files next to the JSON. Given a
+device mesh, the per-head analyses run sharded over it (see :mod:`lowrank.sharding`); on several
+processes every process computes and only process 0 writes.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank import circuits, interpret, linalg
+from lowrank import circuits, interpret, linalg, sharding
 from lowrank.models import TransformerModel
 
 __all__ = ["Progress", "build_report", "format_tables", "write_html"]
 
-KINDS = ("Q", "K", "V")
+KINDS: tuple[circuits.CompositionKind, ...] = ("Q", "K", "V")
 POSITIONS_SHOWN = 64  # positional QK patterns are drawn over the first positions
 
 
@@ -87,39 +89,55 @@ def build_report(
     top_heads: int = 3,
     top_tokens: int = 8,
     progress: Progress | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """Run every analysis on ``model``, write figures and ``report.json`` to ``out_dir``.
 
+    Args:
+        mesh: a ``(layers, heads)`` mesh (:func:`lowrank.sharding.make_mesh`) that ``model``'s
+            parameters are placed on; ``None`` runs on the default device.
+
     Returns:
-        The report as a JSON-compatible dict (also written to ``out_dir/report.json``).
+        The report as a JSON-compatible dict (also written to ``out_dir/report.json`` by
+        process 0).
     """
     from lowrank import plot  # matplotlib is only needed here
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     c = model.config
+    writer = jax.process_index() == 0
+    out = Path(out_dir)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     tick: Callable[[str], None] = progress.step if progress is not None else (lambda _: None)
     figures: dict[str, str] = {}
 
     def save(fig: Any, filename: str, caption: str) -> None:
-        fig.savefig(out / filename, dpi=110)
+        if writer:
+            fig.savefig(out / filename, dpi=110)
         figures[filename] = caption
 
-    full_eig = np.asarray(jax.jit(circuits.ov_eigenvalues)(model))
+    def compute(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` jitted (sharded over ``mesh``), as NumPy arrays on this host."""
+        jitted = jax.jit(fn) if mesh is None else sharding.sharded(fn, mesh, c.n_layers, c.n_heads)
+        return jax.tree_util.tree_map(sharding.to_host, jitted(*args))
+
+    full_eig = compute(circuits.ov_eigenvalues, model)
     full_copy = full_eig.sum(-1).real / np.abs(full_eig).sum(-1)
-    ov_copy = np.asarray(jax.jit(lambda m: circuits.copying_scores(m, full=False))(model))
+    ov_copy = compute(lambda m: circuits.copying_scores(m, full=False), model)
     tick("copying scores")
 
     baseline = circuits.composition_baseline(c.d_model)
     composition = {}
     for kind in KINDS:
-        composition[kind] = np.asarray(
-            jax.jit(circuits.composition_scores, static_argnums=1)(model, kind)
-        )
+        if mesh is None:
+            scores = jax.jit(circuits.composition_scores, static_argnums=1)(model, kind)
+        else:
+            scores = sharding.composition_scores(model, kind, mesh)
+        composition[kind] = sharding.to_host(scores)
     tick("composition scores")
 
-    spectra = {k: np.asarray(v) for k, v in jax.jit(interpret.embedding_spectra)(model).items()}
-    U_pos, S_pos, _ = (np.asarray(x) for x in jax.jit(linalg.svd)(model.W_pos))
+    spectra = compute(interpret.embedding_spectra, model)
+    U_pos, S_pos, _ = compute(linalg.svd, model.W_pos)
     pos_rank = int(interpret.effective_rank(jnp.asarray(S_pos)))
     tick("embedding spectra")
 
@@ -127,10 +145,13 @@ def build_report(
     chosen = [divmod(int(i), c.n_heads) for i in order]  # (layer, head)
     interpreted = []
     for layer, head in chosen:
-        directions = interpret.svd_directions(
-            model, "OV", layer, head, num_vectors=1, top_k=top_tokens
+        directions = compute(
+            lambda m, layer=layer, head=head: interpret.svd_directions(
+                m, "OV", layer, head, num_vectors=1, top_k=top_tokens
+            ),
+            model,
         )
-        ids = np.asarray(directions.top_tokens[0])
+        ids = directions.top_tokens[0]
         interpreted.append(
             {
                 "head": f"L{layer}H{head}",
@@ -143,7 +164,7 @@ def build_report(
     tick("SVD interpreter")
 
     n_pos = min(POSITIONS_SHOWN, c.n_ctx)
-    positional = circuits.positional_qk_circuit(model)[..., :n_pos, :n_pos].AB
+    positional = compute(lambda m: circuits.positional_qk_circuit(m)[..., :n_pos, :n_pos].AB, model)
     tick("positional QK")
 
     save(
@@ -183,7 +204,7 @@ def build_report(
     n_all = c.n_layers * c.n_heads
     shown = [divmod(i, c.n_heads) for i in range(n_all)] if n_all <= 8 else chosen
     save(
-        plot.positional_pattern(np.asarray(positional), heads=shown, title="Positional QK scores"),
+        plot.positional_pattern(positional, heads=shown, title="Positional QK scores"),
         "positional_qk.png",
         f"W_pos W_Q W_K^T W_pos^T over the first {n_pos} positions (query x key), "
         + ("every head." if n_all <= 8 else "the top heads."),
@@ -215,7 +236,8 @@ def build_report(
         "svd_interpreter": interpreted,
         "figures": figures,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if writer:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 

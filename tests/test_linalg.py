@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -390,3 +391,36 @@ def test_svd_path_cannot_deadlock_on_two_cores():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+_LAPACK_PRIMITIVES = {"svd", "geqrf", "householder_product", "cholesky", "triangular_solve", "eig"}
+
+
+def _lapack_operand_shapes(jaxpr):
+    """Operand shapes of every decomposition in a jaxpr, sub-jaxprs (scan, cond, jit) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _LAPACK_PRIMITIVES:
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _lapack_operand_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "fn", [svd, svdvals, eigvals, eig], ids=["svd", "svdvals", "eigvals", "eig"]
+)
+def test_one_matrix_per_lapack_call(fn):
+    """Inside lapack_one_matrix_at_a_time every decomposition sees a single matrix, and the
+    results do not change (what sharded programs on multi-device CPU meshes rely on)."""
+    M = FactoredMatrix(*random_factors(np.random.default_rng(3), LEAD, 20, 6, 20))
+    batched = _lapack_operand_shapes(jax.make_jaxpr(fn)(M).jaxpr)
+    assert any(len(shape) > 2 for shape in batched)
+    with lowrank.linalg.lapack_one_matrix_at_a_time():  # a new function: jax caches traces
+        looped = jax.make_jaxpr(lambda M: fn(M))(M)
+        got = jax.jit(lambda M: fn(M))(M)
+    shapes = _lapack_operand_shapes(looped.jaxpr)
+    assert shapes and all(len(shape) == 2 for shape in shapes), shapes
+    # the same LAPACK routine on the same matrices: the same numbers, vectors included
+    for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(fn(M)), strict=True):
+        assert_rel_close(g, e, rtol=1e-5)

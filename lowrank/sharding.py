@@ -1,0 +1,163 @@
+"""Running the analyses over a device mesh with named ``layers`` and ``heads`` axes.
+
+Weights with ``[L, H, ...]`` axes are split over both mesh axes, ``[L, ...]`` weights over
+``layers``, everything else (embeddings, unembedding) is replicated. Per-head analyses then
+run where their heads live; :func:`composition_scores` splits the (left layer, right layer)
+pairs over every device instead. Nothing ``[L, H, d_model, d_model]`` or ``d_vocab x
+d_vocab`` is gathered anywhere. On several hosts, call :func:`jax.distributed.initialize`
+first; :func:`sharded_place` then lets each host read only its part of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lowrank import circuits, linalg
+from lowrank.factored import FactoredMatrix
+from lowrank.models import TransformerModel
+
+LAYERS, HEADS = "layers", "heads"
+
+__all__ = [
+    "HEADS",
+    "LAYERS",
+    "composition_scores",
+    "make_mesh",
+    "param_sharding",
+    "shard_factored",
+    "shard_model",
+    "sharded",
+    "sharded_place",
+    "to_host",
+]
+
+
+def make_mesh(
+    n_layers: int,
+    n_heads: int,
+    devices: Sequence[Any] | None = None,
+    shape: tuple[int, int] | None = None,
+) -> Mesh:
+    """A ``(layers, heads)`` mesh over ``devices`` (default: all) that divides ``L`` and ``H``.
+
+    Args:
+        shape: ``(layer_devices, head_devices)``; by default the factorisation of the device
+            count with the most devices on ``layers`` that divides both ``L`` and ``H``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if shape is None:
+        options = [(a, n // a) for a in range(n, 0, -1) if n % a == 0]
+        fitting = [(a, b) for a, b in options if n_layers % a == 0 and n_heads % b == 0]
+        if not fitting:
+            raise ValueError(
+                f"make_mesh: {n} devices cannot be split as (layers x heads) with layers "
+                f"dividing n_layers={n_layers} and heads dividing n_heads={n_heads}; pass "
+                "fewer devices or an explicit shape"
+            )
+        shape = fitting[0]
+    a, b = shape
+    if a * b != n or n_layers % a or n_heads % b:
+        raise ValueError(
+            f"make_mesh: shape {shape} needs {a * b} devices (got {n}) and must divide "
+            f"(n_layers, n_heads) = ({n_layers}, {n_heads})"
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(a, b), (LAYERS, HEADS))
+
+
+def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """The sharding of one canonical parameter (``path`` like ``"blocks.attn.W_Q"``)."""
+    if not path.startswith("blocks."):
+        return NamedSharding(mesh, P())
+    per_head = path.split(".")[-1] in {"W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"}
+    return NamedSharding(mesh, P(LAYERS, HEADS) if per_head else P(LAYERS))
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def shard_model(model: TransformerModel, mesh: Mesh) -> TransformerModel:
+    """``model`` with every parameter placed by :func:`param_sharding`."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.device_put(x, param_sharding(_dotted(path), x.shape, mesh)),
+        model.params,
+    )
+    return TransformerModel(params, model.config, model.tokenizer)
+
+
+def shard_factored(M: FactoredMatrix, mesh: Mesh) -> FactoredMatrix:
+    """A ``FactoredMatrix [L, H, l, r]`` with its leading axes split over ``(layers, heads)``."""
+    if M.A.ndim < 4 or M.B.ndim < 4:
+        raise ValueError(f"shard_factored: needs factors [L, H, ...], got {M.A.shape}, {M.B.shape}")
+    spec = NamedSharding(mesh, P(LAYERS, HEADS))
+    return FactoredMatrix(jax.device_put(M.A, spec), jax.device_put(M.B, spec))
+
+
+def sharded_place(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
+    """A ``place`` hook for :func:`lowrank.models.load_pretrained`: each process copies only
+    the slices its own devices hold (from the host array, e.g. memory-mapped)."""
+
+    def place(path: str, host: np.ndarray) -> jax.Array:
+        sharding = param_sharding(path, host.shape, mesh)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return place
+
+
+def _head_spec(leaf: Any, n_layers: int, n_heads: int) -> P:
+    shape = getattr(leaf, "shape", ())
+    return P(LAYERS, HEADS) if tuple(shape[:2]) == (n_layers, n_heads) else P()
+
+
+def sharded(fn: Callable[..., Any], mesh: Mesh, n_layers: int, n_heads: int) -> Callable[..., Any]:
+    """``jax.jit(fn)`` whose outputs with leading ``[L, H]`` axes stay split over the mesh
+    (others are replicated). Inputs keep the shardings they have (see :func:`shard_model`).
+
+    On a multi-device CPU mesh the decompositions in ``fn`` take one matrix per LAPACK call
+    (:func:`lowrank.linalg.lapack_one_matrix_at_a_time`), so concurrent devices cannot deadlock.
+    """
+    on_cpu = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+    context = linalg.lapack_one_matrix_at_a_time if on_cpu else contextlib.nullcontext
+
+    def traced(*args: Any) -> Any:  # its own identity: no trace of ``fn`` made elsewhere is reused
+        return fn(*args)
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        shapes = jax.eval_shape(fn, *args)
+        out = jax.tree_util.tree_map(
+            lambda leaf: NamedSharding(mesh, _head_spec(leaf, n_layers, n_heads)), shapes
+        )
+        with context():
+            return jax.jit(traced, out_shardings=out)(*args)
+
+    return run
+
+
+def composition_scores(model: TransformerModel, kind: circuits.CompositionKind, mesh: Mesh) -> Any:
+    """:func:`lowrank.circuits.composition_scores` with the layer pairs split over all devices.
+
+    Each device computes its share of the (left layer, right layer) blocks; the ``[L, H, L, H]``
+    result is split over ``(layers, heads)`` on its left-head axes.
+    """
+    pairs = NamedSharding(mesh, P((LAYERS, HEADS)))
+    out = NamedSharding(mesh, P(LAYERS, HEADS))
+    fn = functools.partial(circuits.composition_scores, kind=kind, pair_sharding=pairs)
+    return jax.jit(fn, out_shardings=out)(model)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array on this process, gathered from the other processes if needed."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)

@@ -1,0 +1,98 @@
+"""``python -m lowrank report --distributed``: two jax.distributed processes on localhost (CPU,
+4 devices each, gloo collectives) give the single-process report on the embedded model."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _reference import assert_rel_close
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        HF_HUB_OFFLINE="1",
+        MPLBACKEND="Agg",
+    )
+    return env
+
+
+def _report(out, *extra):
+    return [sys.executable, "-m", "lowrank", "report", "--quiet", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    port = _free_port()
+    pod = [
+        subprocess.Popen(
+            _report(
+                root / "pod",
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    single = subprocess.run(
+        _report(root / "single"), env=_env(1), capture_output=True, text=True, timeout=300
+    )
+    outputs = []
+    for process in pod:
+        try:
+            outputs.append(process.communicate(timeout=300)[0])
+        finally:
+            process.kill()
+    assert single.returncode == 0, single.stderr
+    for process, output in zip(pod, outputs, strict=True):
+        assert process.returncode == 0, output
+    load = lambda name: json.loads((root / name / "report.json").read_text())  # noqa: E731
+    return load("pod"), load("single"), outputs
+
+
+def test_only_process_0_prints_the_report(reports):
+    _, _, (first, second) = reports
+    assert "lowrank report: induction-2l" in first and "Wrote 9 figures" in first
+    assert "lowrank report" not in second
+
+
+def test_pod_report_equals_single_process_report(reports):
+    pod, single, _ = reports
+    assert pod["heads"] == single["heads"] and pod["config"] == single["config"]
+    for key in ("full_ov", "ov"):
+        assert_rel_close(pod["copying_scores"][key], single["copying_scores"][key], rtol=1e-5)
+    assert_rel_close(pod["w_pos"]["singular_values"], single["w_pos"]["singular_values"], 1e-5)
+    for kind in "QKV":
+        got, expected = (
+            pod["composition"]["top_pairs"][kind],
+            single["composition"]["top_pairs"][kind],
+        )
+        assert [(p["left"], p["right"]) for p in got] == [(p["left"], p["right"]) for p in expected]
+        assert_rel_close([p["score"] for p in got], [p["score"] for p in expected], rtol=1e-5)
+    for got, expected in zip(pod["svd_interpreter"], single["svd_interpreter"], strict=True):
+        assert got["head"] == expected["head"] and got["top_tokens"] == expected["top_tokens"]
+        assert got["top_tokens_negated"] == expected["top_tokens_negated"]
+        np.testing.assert_allclose(got["singular_value"], expected["singular_value"], rtol=1e-5)
+    assert pod["figures"] == single["figures"]
