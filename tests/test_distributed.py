@@ -69,17 +69,29 @@ def reports(tmp_path_factory):
     for process, output in zip(pod, outputs, strict=True):
         assert process.returncode == 0, output
     load = lambda name: json.loads((root / name / "report.json").read_text())  # noqa: E731
-    return load("pod"), load("single"), outputs
+    return load("pod"), load("single"), outputs, root
 
 
 def test_only_process_0_prints_the_report(reports):
-    _, _, (first, second) = reports
+    _, _, (first, second), _ = reports
     assert "lowrank report: induction-2l" in first and "Wrote 9 figures" in first
     assert "lowrank report" not in second
 
 
+@pytest.mark.parametrize("run", ["single", "pod"])
+def test_report_files_on_the_embedded_model(reports, run):
+    pod, single, _, root = reports
+    report = {"single": single, "pod": pod}[run]
+    out = root / run
+    assert len(report["figures"]) == 9
+    for name in [*report["figures"], "index.html"]:
+        assert (out / name).stat().st_size > 1000, name
+    page = (out / "index.html").read_text()
+    assert all(f'src="{name}"' in page for name in report["figures"])
+
+
 def test_pod_report_equals_single_process_report(reports):
-    pod, single, _ = reports
+    pod, single, _, _ = reports
     assert pod["heads"] == single["heads"] and pod["config"] == single["config"]
     for key in ("full_ov", "ov"):
         assert_rel_close(pod["copying_scores"][key], single["copying_scores"][key], rtol=1e-5)

@@ -1,0 +1,38 @@
+"""The README's Python examples run (on the embedded model, offline)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+BLOCKS = {
+    section.splitlines()[0].strip(): re.findall(r"```python\n(.*?)```", section, re.S)
+    for section in README.split("\n## ")[1:]
+}
+NEEDS_THE_HUB = ("gpt2", "EleutherAI/")
+
+
+def _runnable(code: str) -> str:
+    """The block without the lines that load a model from the hub."""
+    return "\n".join(
+        line for line in code.splitlines() if not any(f'"{n}' in line for n in NEEDS_THE_HUB)
+    )
+
+
+@pytest.fixture(scope="module")
+def namespace():
+    import jax.numpy as jnp
+
+    import lowrank
+
+    return {"lowrank": lowrank, "jnp": jnp, "model": lowrank.load_pretrained()}
+
+
+@pytest.mark.parametrize(
+    "section", ["Example", "Models", "Circuits and the report", "Sharded and multi-host runs"]
+)
+def test_examples_run(section, namespace):
+    (code,) = BLOCKS[section]
+    compile(code, f"README {section}", "exec")  # every line is valid Python, hub lines too
+    exec(_runnable(code), dict(namespace))
