@@ -107,7 +107,7 @@ def test_composition_scores(model, sharded_model, mesh, kind):
 def test_replicated_analyses(model, sharded_model, mesh):
     for fn in (
         lambda m: interpret.svd_directions(m, "OV", 3, 5, num_vectors=4, top_k=5).activations,
-        lambda m: interpret.embedding_spectra(m, tokens=jnp.arange(16))["W_E + W_pos"],
+        lambda m: interpret.embedding_spectra(m, jnp.arange(16), jnp.arange(64))["W_E + W_pos"],
     ):
         expected = jax.jit(fn)(model)
         got = sharding.sharded(fn, mesh, 12, 12)(sharded_model)
