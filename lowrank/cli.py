@@ -83,6 +83,8 @@ def _join_distributed(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import jax
+
     from lowrank.models import CheckpointError, load_pretrained
     from lowrank.report import Progress, build_report, format_tables, write_html
 
@@ -92,7 +94,7 @@ def _report(args: argparse.Namespace) -> int:
     mesh = None
     if args.distributed:
         _join_distributed(args)
-    writer = not args.distributed or _process_index() == 0
+    writer = jax.process_index() == 0
     progress = None if args.quiet or not writer else Progress(total=8)
     try:
         if args.distributed:
@@ -122,12 +124,6 @@ def _report(args: argparse.Namespace) -> int:
     print(format_tables(report))
     print(f"\nWrote {len(report['figures'])} figures, report.json and {page}")
     return 0
-
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()
 
 
 def main(argv: list[str] | None = None) -> int:

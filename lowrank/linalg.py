@@ -170,7 +170,6 @@ def _thin_svd(x: Array) -> tuple[Array, Array, Array]:
     return jax.lax.platform_dependent(x, cpu=qr_iteration, default=default)
 
 
-@_per_matrix
 def _tri_solve(L: Array, rhs: Array, *, lower: bool) -> Array:
     return jax.scipy.linalg.solve_triangular(L, rhs, lower=lower)
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from lowrank import circuits, linalg
 from lowrank.factored import FactoredMatrix
-from lowrank.models import TransformerModel
+from lowrank.models import TransformerModel, place_params
 
 LAYERS, HEADS = "layers", "heads"
 
@@ -74,7 +74,7 @@ def make_mesh(
     return Mesh(np.asarray(devices, dtype=object).reshape(a, b), (LAYERS, HEADS))
 
 
-def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+def param_sharding(path: str, mesh: Mesh) -> NamedSharding:
     """The sharding of one canonical parameter (``path`` like ``"blocks.attn.W_Q"``)."""
     if not path.startswith("blocks."):
         return NamedSharding(mesh, P())
@@ -82,15 +82,10 @@ def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedShardi
     return NamedSharding(mesh, P(LAYERS, HEADS) if per_head else P(LAYERS))
 
 
-def _dotted(path: tuple[Any, ...]) -> str:
-    return ".".join(str(getattr(k, "key", k)) for k in path)
-
-
 def shard_model(model: TransformerModel, mesh: Mesh) -> TransformerModel:
     """``model`` with every parameter placed by :func:`param_sharding`."""
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.device_put(x, param_sharding(_dotted(path), x.shape, mesh)),
-        model.params,
+    params = place_params(
+        model.params, place=lambda path, x: jax.device_put(x, param_sharding(path, mesh))
     )
     return TransformerModel(params, model.config, model.tokenizer)
 
@@ -108,7 +103,7 @@ def sharded_place(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
     the slices its own devices hold (from the host array, e.g. memory-mapped)."""
 
     def place(path: str, host: np.ndarray) -> jax.Array:
-        sharding = param_sharding(path, host.shape, mesh)
+        sharding = param_sharding(path, mesh)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return place

@@ -177,7 +177,7 @@ def test_gpt2_xl_composition_memory_per_device():
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     specs = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=sharding.param_sharding(_dotted(path), x.shape, mesh)
+            x.shape, x.dtype, sharding=sharding.param_sharding(_dotted(path), mesh)
         ),
         abstract,
     )
