@@ -19,6 +19,15 @@ def _is_arraylike(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
+def _check_factor_type(name: str, x: Any) -> None:
+    """A factor passed to the constructor must be an array (jax, NumPy, torch) or a shape spec."""
+    if not (_is_arraylike(x) or _needs_conversion(x)):
+        raise TypeError(
+            f"FactoredMatrix: {name} must be an array of shape [..., rows, cols] (jax, NumPy or "
+            f"torch), got {type(x).__name__}"
+        )
+
+
 def _check_factor(name: str, x: Any) -> None:
     if x.ndim < 2:
         raise ValueError(
@@ -32,7 +41,6 @@ def _check_factor(name: str, x: Any) -> None:
         )
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class FactoredMatrix:
     """The matrix ``A @ B`` kept as its factors.
@@ -56,35 +64,9 @@ class FactoredMatrix:
     __array_priority__ = 1000
 
     def __post_init__(self) -> None:
-        # Pytree utilities rebuild instances with arbitrary leaves (None, sentinels, specs):
-        # only arrays are converted and checked.
         for name in ("A", "B"):
-            value = getattr(self, name)
-            if _needs_conversion(value):
-                object.__setattr__(self, name, jnp.asarray(np.asarray(value)))
-        A, B = self.A, self.B
-        if not (_is_arraylike(A) and _is_arraylike(B)):
-            return
-        _check_factor("A", A)
-        _check_factor("B", B)
-        if A.shape[-1] != B.shape[-2]:
-            raise ValueError(
-                "FactoredMatrix: inner dimensions differ: A has shape "
-                f"{tuple(A.shape)} [..., l, m] and B has shape {tuple(B.shape)} [..., m, r], "
-                f"but A.shape[-1]={A.shape[-1]} != B.shape[-2]={B.shape[-2]}"
-            )
-        if A.dtype != B.dtype:
-            raise TypeError(
-                f"FactoredMatrix: A and B must share a dtype, got A {A.dtype} (shape "
-                f"{tuple(A.shape)}) and B {B.dtype} (shape {tuple(B.shape)})"
-            )
-        try:
-            np.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-        except ValueError:
-            raise ValueError(
-                "FactoredMatrix: leading (batch) dimensions do not broadcast: A has shape "
-                f"{tuple(A.shape)} and B has shape {tuple(B.shape)}"
-            ) from None
+            _check_factor_type(name, getattr(self, name))
+        _set_factors(self, self.A, self.B)
 
     # ----------------------------------------------------------------- shape
     @property
@@ -154,6 +136,7 @@ class FactoredMatrix:
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, FactoredMatrix):
+            _check_batch("FactoredMatrix @ FactoredMatrix", ("M", self.shape), ("N", other.shape))
             return (self @ other.A) @ other.B
         other = _as_operand(other, "right operand of FactoredMatrix @ X")
         _check_operand_dtype(self, other)
@@ -169,6 +152,7 @@ class FactoredMatrix:
                 f"FactoredMatrix @ X: X has shape {tuple(other.shape)} but the matrix has shape "
                 f"{self.shape}; X.shape[-2] must equal rdim={self.rdim}"
             )
+        _check_batch("FactoredMatrix @ X", ("the matrix", self.shape), ("X", other.shape))
         if self.rdim > self.mdim:
             return FactoredMatrix(self.A, jnp.matmul(self.B, other))
         return FactoredMatrix(self.AB, other)
@@ -183,24 +167,17 @@ class FactoredMatrix:
             )
         if other.ndim == 1:
             return jnp.matmul(jnp.matmul(other[None, :], self.A), self.B)[..., 0, :]
+        _check_batch("X @ FactoredMatrix", ("X", other.shape), ("the matrix", self.shape))
         if self.ldim > self.mdim:
             return FactoredMatrix(jnp.matmul(other, self.A), self.B)
         return FactoredMatrix(other, self.AB)
 
     def __mul__(self, scalar: Any) -> FactoredMatrix:
         """Scalar multiple (the scalar goes into ``A``); use ``@`` for matrix products."""
-        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, jax.Array, np.ndarray)):
+        factor = _as_scalar(scalar, self.dtype)
+        if factor is None:
             return NotImplemented
-        if isinstance(scalar, (int, float)):
-            return FactoredMatrix(self.A * scalar, self.B)
-        if math.prod(scalar.shape) != 1:
-            raise ValueError(
-                f"FactoredMatrix * x needs a scalar, got an array of shape {tuple(scalar.shape)}; "
-                "use @ for matrix products"
-            )
-        if not jnp.issubdtype(scalar.dtype, jnp.floating):
-            raise TypeError(f"FactoredMatrix * x: x must be a real float, got dtype {scalar.dtype}")
-        return FactoredMatrix(self.A * jnp.reshape(scalar, ()).astype(self.dtype), self.B)
+        return FactoredMatrix(self.A * factor, self.B)
 
     __rmul__ = __mul__
 
@@ -209,23 +186,34 @@ class FactoredMatrix:
 
     # ------------------------------------------------------------ indexing
     def __getitem__(self, index: Any) -> FactoredMatrix:
-        """Index leading axes first, then rows (``l``), then columns (``r``).
+        """Index leading axes first, then rows (``l``), then columns (``r``), as ``M.AB[index]``.
 
-        Integer indices on the row or column axis keep a size-1 axis so the result stays a
-        matrix (TransformerLens's rule); negative indices count from the end.
+        Entries are integers, slices, ``None`` (leading axes only), ``...``, and integer arrays
+        or lists (NumPy's advanced indexing, negative entries count from the end). Integer
+        indices on the row or column axis keep a size-1 axis so the result stays a matrix
+        (TransformerLens's rule). An index array on a matrix axis must be 1-D and may be combined
+        with slices, and with integers right before the row axis; other combinations would not
+        give a matrix and raise ``IndexError``, as do concrete out-of-range indices (traced ones
+        are not checked). Boolean masks are not supported.
         """
         return _getitem(self, index)
 
     def unsqueeze(self, axis: int) -> FactoredMatrix:
-        """Insert a size-1 leading axis at ``axis`` (``0 <= axis <= number of leading axes``,
-        negative values count back from the matrix axes)."""
+        """Insert a size-1 leading axis, like ``np.expand_dims(M.AB, axis)`` (and TransformerLens).
+
+        ``axis`` is ``0..n`` for ``n`` leading axes, or negative counting from the end of the
+        result: ``-3`` goes just before the matrix axes; ``-1`` and ``-2`` would split the matrix
+        and raise ``ValueError``.
+        """
         n_lead = self.ndim - 2
-        if not -(n_lead + 1) <= axis <= n_lead:
+        axis = operator.index(axis)
+        pos = axis + self.ndim + 1 if axis < 0 else axis
+        if not 0 <= pos <= n_lead:
             raise ValueError(
                 f"FactoredMatrix.unsqueeze: axis {axis} is out of range for a matrix of shape "
-                f"{self.shape}; a new leading axis goes at -{n_lead + 1}..{n_lead}"
+                f"{self.shape}; the new axis must be a leading one: 0..{n_lead} or "
+                f"{-(self.ndim + 1)}..-3"
             )
-        pos = axis if axis >= 0 else n_lead + 1 + axis
         A, B = _pad_leading(self.A, n_lead), _pad_leading(self.B, n_lead)
         return FactoredMatrix(jnp.expand_dims(A, pos), jnp.expand_dims(B, pos))
 
@@ -301,6 +289,68 @@ class FactoredMatrix:
         return FactoredMatrix(U * root[..., None, :], root[..., :, None] * Vh)
 
 
+def _set_factors(M: FactoredMatrix, A: Any, B: Any) -> None:
+    """Store the factors (array-likes become jax arrays) and check them when both are arrays.
+
+    Pytree utilities rebuild instances with arbitrary leaves (None, sentinels, specs): those
+    are stored unchecked.
+    """
+    A, B = (jnp.asarray(np.asarray(x)) if _needs_conversion(x) else x for x in (A, B))
+    object.__setattr__(M, "A", A)
+    object.__setattr__(M, "B", B)
+    if _is_arraylike(A) and _is_arraylike(B):
+        _check_pair(A, B)
+
+
+def _check_pair(A: Any, B: Any) -> None:
+    _check_factor("A", A)
+    _check_factor("B", B)
+    if A.shape[-1] != B.shape[-2]:
+        raise ValueError(
+            "FactoredMatrix: inner dimensions differ: A has shape "
+            f"{tuple(A.shape)} [..., l, m] and B has shape {tuple(B.shape)} [..., m, r], "
+            f"but A.shape[-1]={A.shape[-1]} != B.shape[-2]={B.shape[-2]}"
+        )
+    if A.shape[-1] == 0:
+        raise ValueError(
+            f"FactoredMatrix: the inner dimension m is 0 (A has shape {tuple(A.shape)}, B has "
+            f"shape {tuple(B.shape)}); A @ B would be all zeros, build it with jnp.zeros"
+        )
+    if A.dtype != B.dtype:
+        raise TypeError(
+            f"FactoredMatrix: A and B must share a dtype, got A {A.dtype} (shape "
+            f"{tuple(A.shape)}) and B {B.dtype} (shape {tuple(B.shape)})"
+        )
+    _check_batch("FactoredMatrix", ("A", A.shape), ("B", B.shape))
+
+
+def _check_batch(what: str, left: tuple[str, Any], right: tuple[str, Any]) -> None:
+    """Leading (batch) axes of two named ``[..., rows, cols]`` shapes must broadcast."""
+    (left_name, left_shape), (right_name, right_shape) = left, right
+    try:
+        np.broadcast_shapes(tuple(left_shape[:-2]), tuple(right_shape[:-2]))
+    except ValueError:
+        raise ValueError(
+            f"{what}: leading (batch) dimensions do not broadcast: {left_name} has shape "
+            f"{tuple(left_shape)} and {right_name} has shape {tuple(right_shape)}"
+        ) from None
+
+
+def _unflatten(_: None, children: Any) -> FactoredMatrix:
+    """Pytree rebuild: like the constructor, but any leaves are allowed (see ``_set_factors``)."""
+    M = object.__new__(FactoredMatrix)
+    _set_factors(M, *children)
+    return M
+
+
+jax.tree_util.register_pytree_with_keys(
+    FactoredMatrix,
+    lambda M: (((jax.tree_util.GetAttrKey("A"), M.A), (jax.tree_util.GetAttrKey("B"), M.B)), None),
+    _unflatten,
+    flatten_func=lambda M: ((M.A, M.B), None),
+)
+
+
 def _needs_conversion(x: Any) -> bool:
     """NumPy arrays and other array-likes (e.g. CPU torch tensors) become jax arrays."""
     return not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and hasattr(x, "__array__")
@@ -314,6 +364,30 @@ def _as_operand(x: Any, what: str) -> Array:
     if x.ndim == 0:
         raise ValueError(f"{what} is a scalar; use * for scalar multiples")
     return x
+
+
+def _as_scalar(x: Any, dtype: Any) -> Any:
+    """The multiplier for ``FactoredMatrix * x``, or None when ``x`` is no number or array.
+
+    Python and NumPy scalars become Python numbers (weakly typed: the factor keeps its dtype);
+    a one-element float array becomes a 0-d array of ``dtype``.
+    """
+    if isinstance(x, (bool, np.bool_)):
+        return None
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, (int, float)):
+        return x
+    if not isinstance(x, (jax.Array, np.ndarray)):
+        return None
+    if math.prod(x.shape) != 1:
+        raise ValueError(
+            f"FactoredMatrix * x needs a scalar, got an array of shape {tuple(x.shape)}; "
+            "use @ for matrix products"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"FactoredMatrix * x: x must be a real float, got dtype {x.dtype}")
+    return jnp.reshape(x, ()).astype(dtype)
 
 
 def _check_operand_dtype(M: FactoredMatrix, x: Array) -> None:
@@ -343,36 +417,73 @@ def _is_int_index(i: Any) -> bool:
     return _is_arraylike(i) and i.ndim == 0 and jnp.issubdtype(i.dtype, jnp.integer)
 
 
-def _normalise_int(i: Any, size: int, axis_name: str, shape: tuple[int, ...]) -> Any:
-    """Bounds-check and wrap a static integer index; traced integers pass through."""
-    if isinstance(i, (int, np.integer)):
-        i = operator.index(i)
-        if not -size <= i < size:
-            raise IndexError(
-                f"FactoredMatrix index {i} is out of range for {axis_name} of size {size} "
-                f"(matrix shape {shape})"
-            )
-        return i % size
-    return i
+def _is_index_array(i: Any) -> bool:
+    """An integer index array with at least one axis (an advanced index in NumPy's terms)."""
+    return isinstance(i, (jax.Array, np.ndarray)) and i.ndim >= 1
+
+
+def _index_entry(i: Any) -> Any:
+    """One index entry as None, ..., a slice, an integer or an integer array (lists converted)."""
+    if i is None or i is Ellipsis or isinstance(i, slice) or _is_int_index(i):
+        return i
+    if isinstance(i, list) or _needs_conversion(i):
+        i = _list_index(i)
+    if isinstance(i, (jax.Array, np.ndarray)) and i.dtype == bool:
+        raise TypeError(
+            "FactoredMatrix indices: boolean masks are not supported; pass the integer "
+            "positions instead, e.g. np.flatnonzero(mask)"
+        )
+    if isinstance(i, (jax.Array, np.ndarray)) and jnp.issubdtype(i.dtype, jnp.integer):
+        return i
+    raise TypeError(
+        "FactoredMatrix indices must be integers, integer arrays or lists, slices, None or ..., "
+        f"got {type(i).__name__}" + (f" of dtype {i.dtype}" if hasattr(i, "dtype") else "")
+    )
+
+
+def _list_index(i: Any) -> Any:
+    """An index list (or other array-like) as an array; an empty list indexes nothing."""
+    if isinstance(i, list) and any(isinstance(e, jax.Array) for e in i):
+        return jnp.asarray(i)
+    try:
+        values = np.asarray(i)
+    except (TypeError, ValueError):
+        raise TypeError(f"FactoredMatrix index lists must hold integers, got {i!r}") from None
+    return values.astype(np.intp) if values.size == 0 else values
+
+
+def _normalise_entry(i: Any, size: int, axis_name: str, shape: tuple[int, ...]) -> Any:
+    """Bounds-check a concrete integer or index array and wrap negative values as NumPy does.
+
+    Traced (jitted) indices pass through unchecked.
+    """
+    if isinstance(i, jax.core.Tracer) or not (_is_int_index(i) or _is_index_array(i)):
+        return i
+    values = np.asarray(i)
+    bad = values[(values < -size) | (values >= size)]
+    if bad.size:
+        raise IndexError(
+            f"FactoredMatrix index {int(bad.flat[0])} is out of range for {axis_name} of size "
+            f"{size} (matrix shape {shape})"
+        )
+    return (
+        operator.index(i) % size
+        if values.ndim == 0
+        else np.where(values < 0, values + size, values)
+    )
 
 
 def _expand_index(index: Any, ndim: int, shape: tuple[int, ...]) -> list[Any]:
-    """Return one entry per axis (ints, slices) plus None markers for new axes."""
+    """Return one entry per axis (ints, arrays, slices) plus None markers for new axes."""
     if not isinstance(index, tuple):
         index = (index,)
-    for i in index:
-        if not (i is None or i is Ellipsis or isinstance(i, slice) or _is_int_index(i)):
-            raise TypeError(
-                "FactoredMatrix indices must be integers, slices, None or ..., "
-                f"got {type(i).__name__}"
-            )
+    index = tuple(_index_entry(i) for i in index)
     n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
     if sum(1 for i in index if i is Ellipsis) > 1:
         raise IndexError("FactoredMatrix index can contain at most one Ellipsis (...)")
     if n_real > ndim:
         raise IndexError(
-            f"FactoredMatrix index {index} has {n_real} entries, too many for a matrix of "
-            f"shape {shape}"
+            f"FactoredMatrix index has {n_real} entries, too many for a matrix of shape {shape}"
         )
     out: list[Any] = []
     for i in index:
@@ -383,13 +494,15 @@ def _expand_index(index: Any, ndim: int, shape: tuple[int, ...]) -> list[Any]:
     return out
 
 
-def _getitem(M: FactoredMatrix, index: Any) -> FactoredMatrix:
-    shape = M.shape
-    n_lead = M.ndim - 2
-    entries = _expand_index(index, M.ndim, shape)
-    lead_idx: list[Any] = []
-    row: Any = slice(None)
-    col: Any = slice(None)
+def _split_index(entries: list[Any], shape: tuple[int, ...]) -> tuple[list[Any], Any, Any]:
+    """Leading-axes entries (with None markers), the row entry and the column entry, checked."""
+    n_lead = len(shape) - 2
+    names = [f"leading axis {k}" for k in range(n_lead)] + [
+        "the row axis (l)",
+        "the column axis (r)",
+    ]
+    lead: list[Any] = []
+    matrix: list[Any] = []
     seen = 0
     for i in entries:
         if i is None:
@@ -398,26 +511,66 @@ def _getitem(M: FactoredMatrix, index: Any) -> FactoredMatrix:
                     "FactoredMatrix: new axes (None) may only be inserted among the leading "
                     f"axes of a matrix of shape {shape}"
                 )
-            lead_idx.append(None)
+            lead.append(None)
             continue
+        i = _normalise_entry(i, shape[seen], names[seen], shape)
         if seen < n_lead:
-            if _is_int_index(i):
-                i = _normalise_int(i, shape[seen], f"leading axis {seen}", shape)
-            lead_idx.append(i)
-        elif seen == n_lead:
-            row = i
+            lead.append(i)
         else:
-            col = i
+            matrix.append(i)
         seen += 1
+    matrix += [slice(None)] * (2 - len(matrix))
+    return lead, matrix[0], matrix[1]
+
+
+def _check_matrix_arrays(lead: list[Any], row: Any, col: Any) -> None:
+    """Allow an index array on a matrix axis only where NumPy leaves its axis in place.
+
+    NumPy broadcasts all array indices (and, alongside them, integer ones) together and moves
+    the result to the front when a slice or None separates them; with an array on a matrix
+    axis, anything but "integers right before the row array" would not leave a matrix.
+    """
+    on_row, on_col = _is_index_array(row), _is_index_array(col)
+    if not (on_row or on_col):
+        return
+    if on_row and on_col:
+        raise IndexError(
+            "FactoredMatrix: index arrays on both the row and the column axis pick single "
+            "entries, not a matrix; index one axis at a time, M[..., rows, :][..., cols], "
+            "or index M.AB"
+        )
+    where, array = ("row", row) if on_row else ("column", col)
+    if array.ndim != 1:
+        raise IndexError(
+            f"FactoredMatrix: an index array on the {where} axis must be 1-D, got shape "
+            f"{tuple(array.shape)}"
+        )
+    if any(_is_index_array(i) for i in lead):
+        raise IndexError(
+            f"FactoredMatrix: index arrays on leading axes cannot be combined with one on the "
+            f"{where} axis (NumPy pairs them entry by entry, which is not a matrix); index the "
+            "leading axes first, e.g. M[lead][..., rows, :]"
+        )
+    ints = [k for k, i in enumerate(lead) if _is_int_index(i)]
+    if ints and (on_col or not all(_is_int_index(i) for i in lead[ints[0] :])):
+        raise IndexError(
+            f"FactoredMatrix: integer indices on leading axes are separated from the index "
+            f"array on the {where} axis (by a slice, None or the row axis), so NumPy would move "
+            "the array's axis to the front, which is not a matrix; index the leading axes "
+            "first, e.g. M[0][..., rows, :] or M[0][..., cols]"
+        )
+
+
+def _getitem(M: FactoredMatrix, index: Any) -> FactoredMatrix:
+    shape = M.shape
+    n_lead = M.ndim - 2
+    lead, row, col = _split_index(_expand_index(index, M.ndim, shape), shape)
+    _check_matrix_arrays(lead, row, col)
     A = _pad_leading(M.A, n_lead)
     B = _pad_leading(M.B, n_lead)
-    A_idx = _factor_index(A, lead_idx, shape)
-    B_idx = _factor_index(B, lead_idx, shape)
-    A = A[A_idx]
-    B = B[B_idx]
-    A = _index_matrix_axis(A, row, -2, M.ldim, "the row axis (l)", shape)
-    B = _index_matrix_axis(B, col, -1, M.rdim, "the column axis (r)", shape)
-    return FactoredMatrix(A, B)
+    A = A[_factor_index(A, lead, shape)]
+    B = B[_factor_index(B, lead, shape)]
+    return FactoredMatrix(_index_matrix_axis(A, row, -2), _index_matrix_axis(B, col, -1))
 
 
 def _factor_index(x: Array, lead_idx: list[Any], shape: tuple[int, ...]) -> tuple[Any, ...]:
@@ -429,20 +582,27 @@ def _factor_index(x: Array, lead_idx: list[Any], shape: tuple[int, ...]) -> tupl
             out.append(None)
             continue
         if x.shape[axis] == 1 and shape[axis] != 1:
-            out.append(0 if _is_int_index(i) else slice(None))
+            out.append(_index_zero(i))
         else:
             out.append(i)
         axis += 1
     return tuple(out)
 
 
-def _index_matrix_axis(
-    x: Array, i: Any, axis: int, size: int, axis_name: str, shape: tuple[int, ...]
-) -> Array:
-    if isinstance(i, slice):
+def _index_zero(i: Any) -> Any:
+    """The entry that picks position 0 of a size-1 axis with the same result shape as ``i``."""
+    if _is_int_index(i):
+        return 0
+    if _is_index_array(i):
+        return jnp.zeros_like(i) if isinstance(i, jax.Array) else np.zeros_like(i)
+    return slice(None)
+
+
+def _index_matrix_axis(x: Array, i: Any, axis: int) -> Array:
+    """Index matrix axis ``axis`` (-2 or -1); an integer keeps a size-1 axis (TransformerLens)."""
+    if isinstance(i, slice) or _is_index_array(i):
         return x[(Ellipsis, i) + (slice(None),) * (-1 - axis)]
-    if isinstance(i, (int, np.integer)):
-        i = _normalise_int(i, size, axis_name, shape)
+    if isinstance(i, int):
         return jax.lax.slice_in_dim(x, i, i + 1, axis=x.ndim + axis)
     return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=x.ndim + axis)
 

@@ -1,5 +1,8 @@
 """FactoredMatrix: shapes, products, indexing, pytree behaviour, parity with TransformerLens."""
 
+import pathlib
+import re
+
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -80,6 +83,38 @@ def test_numpy_and_torch_inputs_become_jax_arrays():
 def test_bad_shapes(A_shape, B_shape, match):
     with pytest.raises(ValueError, match=match):
         FactoredMatrix(jnp.ones(A_shape), jnp.ones(B_shape))
+
+
+@pytest.mark.parametrize(
+    ("A", "B", "match"),
+    [
+        ([[1.0, 2.0]], jnp.ones((2, 3)), r"A must be an array.*got list"),
+        (jnp.ones((4, 2)), "B", r"B must be an array.*got str"),
+        (None, jnp.ones((2, 3)), r"A must be an array.*got NoneType"),
+        (jnp.ones((4, 2)), None, r"B must be an array.*got NoneType"),
+        (2.0, jnp.ones((1, 3)), r"A must be an array.*got float"),
+    ],
+)
+def test_non_array_factors_are_rejected(A, B, match):
+    with pytest.raises(TypeError, match=match):
+        FactoredMatrix(A, B)
+
+
+def test_zero_inner_dimension_is_rejected():
+    with pytest.raises(ValueError, match=r"inner dimension m is 0.*\(2, 4, 0\).*\(2, 0, 3\)"):
+        FactoredMatrix(jnp.ones((2, 4, 0)), jnp.ones((2, 0, 3)))
+
+
+def test_pytree_rebuild_accepts_any_leaves():
+    """tree_map may put None, specs or tuples in the factors' places (the constructor may not)."""
+    M = FactoredMatrix(jnp.ones((2, 4, 3)), jnp.ones((3, 5)))
+    assert jax.tree_util.tree_map(lambda x: None, M).A is None
+    specs = jax.tree_util.tree_map(lambda x: 0 if x.ndim == 3 else None, M)
+    assert (specs.A, specs.B) == (0, None)
+    out = jax.vmap(lambda M: M.AB, in_axes=(specs,))(M)
+    assert_rel_close(out, np.ones((2, 4, 5)) * 3)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(M)[0]]
+    assert paths == [".A", ".B"]
 
 
 @pytest.mark.parametrize(
@@ -188,6 +223,35 @@ def test_bad_products(make_op, match):
         make_op(M)
 
 
+@pytest.mark.parametrize(
+    ("make_op", "match"),
+    [
+        (
+            lambda M: M @ jnp.ones((3, 5, 2)),
+            r"^FactoredMatrix @ X: .*the matrix has shape "
+            r"\(2, 4, 5\) and X has shape \(3, 5, 2\)",
+        ),
+        (
+            lambda M: jnp.ones((3, 2, 4)) @ M,
+            r"^X @ FactoredMatrix: .*X has shape \(3, 2, 4\) "
+            r"and the matrix has shape \(2, 4, 5\)",
+        ),
+        (
+            lambda M: M @ FactoredMatrix(jnp.ones((3, 5, 2)), jnp.ones((3, 2, 6))),
+            r"^FactoredMatrix @ FactoredMatrix: .*M has shape \(2, 4, 5\) and N has shape "
+            r"\(3, 5, 6\)",
+        ),
+        (lambda M: np.ones((3, 2, 4), np.float32) @ M, r"^X @ FactoredMatrix: .*\(3, 2, 4\)"),
+    ],
+    ids=["M@X", "X@M", "M@N", "numpy@M"],
+)
+def test_products_with_batch_axes_that_do_not_broadcast(make_op, match):
+    M = FactoredMatrix(jnp.ones((2, 4, 3)), jnp.ones((2, 3, 5)))
+    with pytest.raises(ValueError, match=r"leading \(batch\) dimensions do not broadcast") as err:
+        make_op(M)
+    assert re.search(match, str(err.value)), str(err.value)
+
+
 def test_product_dtype_errors():
     M = FactoredMatrix(jnp.ones((4, 3)), jnp.ones((3, 5)))
     with pytest.raises(TypeError, match="real floating-point operand.*int32"):
@@ -212,6 +276,39 @@ def test_scalar_multiplication(tl, factors):
     assert_rel_close((-M).AB, -dense(A, B), what="negation")
 
 
+@pytest.mark.parametrize(
+    "s",
+    [np.float32(2), np.float64(-0.5), np.int64(3), np.float16(2), jnp.float32(2), jnp.array(2.0)],
+    ids=["np.float32", "np.float64", "np.int64", "np.float16", "jnp.float32", "jnp.array"],
+)
+def test_numpy_and_jax_scalars_on_either_side(s):
+    A, B = random_factors(np.random.default_rng(6), (2,), 5, 3, 4)
+    for M in (FactoredMatrix(A, B), FactoredMatrix(A.astype(jnp.bfloat16), B.astype(jnp.bfloat16))):
+        jitted = (
+            jax.jit(lambda M, s: s * M)(M, s) if jnp.issubdtype(s.dtype, jnp.floating) else M * s
+        )
+        for prod in (s * M, M * s, jitted):
+            assert isinstance(prod, FactoredMatrix)
+            assert prod.dtype == M.dtype and prod.shape == M.shape
+            expected = np.asarray(M.AB, np.float64) * float(s)
+            assert_rel_close(prod.AB, expected, rtol=1e-2 if M.dtype == jnp.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_op",
+    [
+        lambda M: np.ones(3, np.float32) * M,
+        lambda M: M * np.ones(3, np.float32),
+        lambda M: jnp.ones((2, 1)) * M,
+    ],
+    ids=["numpy*M", "M*numpy", "jax*M"],
+)
+def test_array_multiplier_is_an_error(make_op):
+    M = FactoredMatrix(jnp.ones((4, 3)), jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match=r"needs a scalar, got an array of shape .*use @"):
+        make_op(M)
+
+
 # -------------------------------------------------------------------- indexing
 INDEXES = [
     0,
@@ -230,13 +327,23 @@ INDEXES = [
 
 def _numpy_index(index, ndim):
     """The dense-array index TransformerLens's rules mean (ints on matrix axes keep the axis)."""
+    index = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in index):
+        k = index.index(Ellipsis)
+        n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+        index[k : k + 1] = [slice(None)] * (ndim - n_real)
+    real = [k for k, i in enumerate(index) if i is not None]
+    for k in real[ndim - 2 :]:
+        i = index[k]
+        if isinstance(i, int):
+            index[k] = slice(i, i + 1 if i != -1 else None)
+    return tuple(index)
+
+
+def _tl_index(index):
+    """The same index for TransformerLens (arrays as torch tensors)."""
     index = index if isinstance(index, tuple) else (index,)
-    out = list(index)
-    for pos in (ndim - 2, ndim - 1):
-        if pos < len(out) and isinstance(out[pos], int):
-            i = out[pos]
-            out[pos] = slice(i, i + 1 if i != -1 else None)
-    return tuple(out)
+    return tuple(to_torch(np.asarray(i)) if hasattr(i, "dtype") else i for i in index)
 
 
 @pytest.mark.parametrize("index", INDEXES, ids=str)
@@ -273,14 +380,151 @@ def test_getitem_ellipsis_none_and_broadcast_factors():
         ((0, 0, 0, 0, 0), IndexError, r"5 entries, too many.*\(2, 3, 40, 30\)"),
         ((0, 0, None, 0), IndexError, r"new axes \(None\) may only be inserted among the leading"),
         ((..., 0, ...), IndexError, r"at most one Ellipsis"),
-        ("a", TypeError, r"integers, slices, None or \.\.\., got str"),
-        (jnp.array([0, 1]), TypeError, r"got ArrayImpl"),
+        ("a", TypeError, r"integer arrays or lists, slices, None or \.\.\., got str"),
+        (1.5, TypeError, r"integer arrays or lists, slices, None or \.\.\., got float"),
     ],
 )
 def test_getitem_errors(index, error, match):
     A, B = random_factors(np.random.default_rng(0), LEAD, 40, 8, 30)
     with pytest.raises(error, match=match):
         FactoredMatrix(A, B)[index]
+
+
+# Integer lists and arrays: NumPy's advanced indexing on M.AB, with TransformerLens's rule that
+# an integer on a matrix axis keeps a size-1 axis. (index, TransformerLens gives the same)
+ARRAY_INDEXES = [
+    ([1, 0], True),
+    (np.array([-1, 0, 1]), True),
+    (jnp.array([1, 0]), True),
+    (([1, 0, 1], [2, 0, -1]), True),
+    ((slice(None), [2, 0]), True),
+    ((np.array([[0], [1]]), np.array([0, 2])), True),
+    (([1, 0], slice(None), slice(2, 5)), True),
+    (([0, 1], 1), True),
+    ((1, [2, 0]), True),
+    (([1, 0], slice(None), 4), True),
+    (([1, 0], slice(None), slice(None), 5), True),
+    ((None, [1, 0]), True),
+    ((slice(None), slice(None), [5, 0, -1]), True),
+    ((1, 2, [5, 0, -1]), True),
+    ((slice(None), 2, np.array([5, 0], np.int32)), True),
+    ((1, 2, [5, 0], slice(2, 7)), True),
+    ((1, 2, [5, 0], 3), True),
+    ((..., [5, 0], slice(1, 4)), False),  # TransformerLens does not expand ...
+    ((slice(None), slice(None), slice(None), [4, 0, -2]), True),
+    ((..., [4, 0]), False),
+    ((slice(None), slice(None), 7, [4, 0]), True),
+    ((None, slice(None), slice(None), slice(1, 5), [0, 1]), True),
+    ((..., []), False),
+]
+
+
+@pytest.mark.parametrize(("index", "tl_too"), ARRAY_INDEXES, ids=lambda x: str(x)[:40])
+def test_getitem_with_index_arrays_matches_numpy_and_tl(tl, factors, index, tl_too):
+    A, B = factors
+    M, R = both(tl, A, B)
+    ours = M[index]
+    expected = dense(A, B)[_numpy_index(index, M.ndim)]
+    assert ours.shape == expected.shape
+    assert_rel_close(ours.AB, expected, rtol=1e-5, what="vs numpy")
+    if tl_too:
+        ref = R[_tl_index(index)]
+        assert tuple(ref.shape) == ours.shape
+        assert_rel_close(ours.AB, to_numpy(ref.AB), rtol=1e-5, what="vs TL")
+
+
+@pytest.mark.parametrize(
+    ("index", "tl_too"),
+    [
+        (([0, 1], slice(None), [1, 3]), True),  # separated: the paired axis goes to the front
+        # torch (so TransformerLens) treats an integer next to an array as a basic index
+        ((0, slice(None), [1, 3]), False),
+        ((0, None, 1, [1, 3]), False),  # None separates too
+        ((slice(None), [0, 2], [1, 3]), True),
+        (([[0], [1]], slice(None), [1, 3], slice(1, 4)), True),
+        ((0, 1, 2, [1, 3]), True),
+        ((slice(None), 1, 2, [4, 0]), True),
+    ],
+    ids=lambda x: str(x)[:40],
+)
+def test_getitem_index_arrays_on_three_leading_axes(tl, index, tl_too):
+    A, B = random_factors(np.random.default_rng(7), (2, 3, 4), 6, 2, 5)
+    M, R = both(tl, A, B)
+    expected = dense(A, B)[_numpy_index(index, M.ndim)]
+    assert M[index].shape == expected.shape
+    assert_rel_close(M[index].AB, expected, rtol=1e-5)
+    if tl_too:
+        assert_rel_close(M[index].AB, to_numpy(R[_tl_index(index)].AB), rtol=1e-5, what="vs TL")
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        [0, 3],
+        (slice(None), [2, 0]),
+        ([0, 3], [2, 0]),
+        ([[0], [3]], [2, 0]),
+        (1, 2, [4, 0]),
+        (..., [4, 0]),
+        (slice(None), 1, [5, 0]),
+        ([3, 1], slice(None), 2),
+    ],
+    ids=str,
+)
+def test_getitem_index_arrays_on_broadcast_factors(index):
+    A, B = random_factors(np.random.default_rng(8), (3,), 6, 2, 5, lead_b=(4, 1))
+    M = FactoredMatrix(A, B)  # leading (4, 3); B broadcasts over axis 1, A over axis 0
+    expected = dense(A, B)[_numpy_index(index, M.ndim)]
+    assert M[index].shape == expected.shape
+    assert_rel_close(M[index].AB, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("index", "error", "match"),
+    [
+        (([0, 1], 0, [1, 2]), IndexError, r"index arrays on leading axes cannot be combined .*row"),
+        ((..., [1, 2], [3, 4]), IndexError, r"both the row and the column axis"),
+        ((0, slice(None), [1, 2]), IndexError, r"separated from the index array on the row axis"),
+        ((0, None, 1, [1, 2]), IndexError, r"separated from the index array on the row axis"),
+        ((1, 2, 3, [1, 2]), IndexError, r"separated from the index array on the column axis"),
+        ((..., np.array([[1, 2]]), slice(None)), IndexError, r"row axis must be 1-D.*\(1, 2\)"),
+        ([0, 2], IndexError, r"index 2 is out of range for leading axis 0 of size 2"),
+        ((slice(None), [-4]), IndexError, r"index -4 is out of range for leading axis 1 of size 3"),
+        ((..., [40], slice(None)), IndexError, r"index 40 is out of range for the row axis \(l\)"),
+        ((..., [0, -31]), IndexError, r"index -31 is out of range for the column axis \(r\)"),
+        (np.array(5), IndexError, r"index 5 is out of range for leading axis 0 of size 2"),
+        ((0, 0, jnp.array(40)), IndexError, r"index 40 is out of range for the row axis"),
+        (np.array([True, False]), TypeError, r"boolean masks are not supported.*flatnonzero"),
+        ([0.5], TypeError, r"integer arrays or lists.*float64"),
+        (jnp.array([1.0]), TypeError, r"integer arrays or lists.*float32"),
+    ],
+    ids=lambda x: str(x)[:40],
+)
+def test_getitem_index_array_errors(index, error, match):
+    A, B = random_factors(np.random.default_rng(0), LEAD, 40, 8, 30)
+    with pytest.raises(error, match=match):
+        FactoredMatrix(A, B)[index]
+
+
+def test_getitem_index_arrays_under_jit_and_vmap(factors):
+    A, B = factors
+    M = FactoredMatrix(A, B)
+    AB = dense(A, B)
+    for index in [([1, 0], 2), (1, 2, [5, 0, -1]), (..., [4, 0]), (slice(None), [2, 0])]:
+        got = jax.jit(lambda M, index=index: M[index].AB)(M)  # concrete indices, checked
+        assert_rel_close(got, AB[_numpy_index(index, 4)], rtol=1e-5, what=str(index))
+    with pytest.raises(IndexError, match="index 2 is out of range for leading axis 0"):
+        jax.jit(lambda M: M[[0, 2]].AB)(M)
+    # traced index arrays (not range-checked); negative entries count from the end
+    got = jax.jit(lambda M, i: M[i].AB)(M, jnp.array([1, 0]))
+    assert_rel_close(got, AB[[1, 0]], rtol=1e-5)
+    got = jax.jit(lambda M, i, rows: M[1, i, rows].AB)(M, 2, jnp.array([5, 0, -1]))
+    assert_rel_close(got, AB[1, 2, [5, 0, -1]], rtol=1e-5)
+    got = jax.jit(lambda M, cols: M[..., cols].AB)(M, jnp.array([4, 0]))
+    assert_rel_close(got, AB[..., [4, 0]], rtol=1e-5)
+    # under vmap over the first leading axis
+    assert_rel_close(jax.vmap(lambda M: M[[2, 0]].AB)(M), AB[:, [2, 0]], rtol=1e-5)
+    assert_rel_close(jax.vmap(lambda M: M[1, [5, 0]].AB)(M), AB[:, 1, [5, 0]], rtol=1e-5)
 
 
 def test_getitem_with_traced_index_under_jit(factors):
@@ -291,23 +535,32 @@ def test_getitem_with_traced_index_under_jit(factors):
 
 
 # ------------------------------------------------------------- other helpers
-@pytest.mark.parametrize("axis", [0, 1, 2, -1, -3])
+@pytest.mark.parametrize("axis", [0, 1, 2, -3, -4, -5])
 def test_unsqueeze(tl, factors, axis):
+    """Like np.expand_dims(M.AB, axis) and TransformerLens: negative axes count over the result."""
     A, B = factors
     M, R = both(tl, A, B)
     ours = M.unsqueeze(axis)
-    expected = np.expand_dims(dense(A, B), axis if axis >= 0 else axis - 2)
-    assert ours.shape == expected.shape
+    expected = np.expand_dims(dense(A, B), axis)
+    assert ours.shape == expected.shape == tuple(R.unsqueeze(axis).shape)
     assert_rel_close(ours.AB, expected)
-    if axis >= 0:
-        assert ours.shape == tuple(R.unsqueeze(axis).shape)
-        assert_rel_close(ours.AB, to_numpy(R.unsqueeze(axis).AB), what="vs TL")
+    assert_rel_close(ours.AB, to_numpy(R.unsqueeze(axis).AB), what="vs TL")
 
 
-@pytest.mark.parametrize("axis", [3, -4])
+def test_unsqueeze_of_a_single_matrix_and_broadcast_factors():
+    M = FactoredMatrix(jnp.ones((4, 2)), jnp.ones((2, 5)))
+    assert M.unsqueeze(0).shape == M.unsqueeze(-3).shape == (1, 4, 5)
+    A, B = random_factors(np.random.default_rng(9), (3,), 6, 2, 5, lead_b=(4, 1))
+    M = FactoredMatrix(A, B)
+    for axis in (0, 1, 2, -3, -4, -5):
+        assert_rel_close(M.unsqueeze(axis).AB, np.expand_dims(dense(A, B), axis))
+
+
+@pytest.mark.parametrize("axis", [3, -1, -2, -6])
 def test_unsqueeze_out_of_range(axis):
+    """-1 and -2 would split the matrix (TransformerLens fails there with an AssertionError)."""
     A, B = random_factors(np.random.default_rng(0), LEAD, 5, 2, 5)
-    with pytest.raises(ValueError, match=rf"axis {axis} is out of range.*-3\.\.2"):
+    with pytest.raises(ValueError, match=rf"axis {axis} is out of range.*0\.\.2 or -5\.\.-3"):
         FactoredMatrix(A, B).unsqueeze(axis)
 
 
@@ -417,3 +670,12 @@ def test_eval_shape():
     )
     out = jax.eval_shape(lambda M: M @ jnp.ones((5, 9)), spec)
     assert isinstance(out, FactoredMatrix) and out.shape == (2, 5, 9) and out.mdim == 3
+
+
+def test_module_text_names_only_files_of_this_project():
+    import lowrank.factored
+
+    source = pathlib.Path(lowrank.factored.__file__)
+    root = source.parent.parent
+    for name in re.findall(r"[\w/.-]+\.py\b", source.read_text()):
+        assert (root / name).exists() or (source.parent / name).exists(), name
