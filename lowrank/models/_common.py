@@ -94,9 +94,33 @@ class StateDictReader:
                 f"{self._family} state dict: key {key!r} has shape {tuple(value.shape)}, "
                 f"expected {tuple(want)}"
             )
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise CheckpointError(
+                f"{self._family} state dict: key {key!r} has dtype {value.dtype}, expected a "
+                "floating-point dtype (float32, float16, bfloat16 or float64)"
+            )
         if self._dtype is not None and value.dtype != self._dtype:
+            if isinstance(value, np.ndarray):
+                _check_range(f"{self._family} state dict: key {key!r}", value, self._dtype)
             value = value.astype(self._dtype)
         return value
+
+
+def _check_range(what: str, x: np.ndarray, dtype: np.dtype[Any]) -> None:
+    """Raise if a finite value of ``x`` would overflow to infinity in ``dtype``.
+
+    NaN and infinities pass (they stay what they are after the cast).
+    """
+    limit = float(jnp.finfo(dtype).max)
+    if float(jnp.finfo(x.dtype).max) <= limit or x.size == 0:
+        return
+    finite = np.isfinite(x)
+    big = max(float(x.max(where=finite, initial=0)), -float(x.min(where=finite, initial=0)))
+    if big > limit:
+        raise CheckpointError(
+            f"{what} ({x.dtype}) holds {big:.4g}, beyond the range of {np.dtype(dtype)} "
+            f"(largest finite value {limit:.4g})"
+        )
 
 
 def _examples(expected: Mapping[str, tuple[int, ...]]) -> str:

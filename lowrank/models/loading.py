@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank.models._common import CheckpointError, Params
-from lowrank.models.config import ModelConfig, config_from_hf
+from lowrank.models.config import ModelConfig, _got, config_from_hf
 from lowrank.models.gpt2 import convert_gpt2_state_dict
 from lowrank.models.gpt_neo import convert_gpt_neo_state_dict
 from lowrank.models.model import TransformerModel
@@ -208,23 +208,63 @@ class StateDict(Mapping[str, np.ndarray]):
 
 
 def _read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> shard file name."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(
             f"could not read shard index {str(path)!r}: {type(err).__name__}: {err}"
         ) from err
-    return {str(k): str(v) for k, v in weight_map.items()}
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _malformed_index(path, "no weight_map object")
+    for k, v in weight_map.items():
+        if not (k and isinstance(v, str) and v):
+            raise _malformed_index(path, f"entry {k!r}: {v!r}")
+    return weight_map
 
 
-def _open_files(directory: Path, names: list[str], opener: Callable[[Path], Any]) -> list[Any]:
+def _malformed_index(path: Path, found: str) -> CheckpointError:
+    return CheckpointError(
+        f'malformed shard index {str(path)!r}: expected a non-empty "weight_map" object '
+        f"mapping tensor names to shard file names (non-empty strings); found {found}"
+    )
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where the files a shard index names may lie (after resolving symlinks).
+
+    The checkpoint directory; for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<commit>``), whose files are symlinks into
+    ``models--org--name/blobs``, that repository's blobs too.
+    """
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _shard_path(directory: Path, roots: list[Path], index: Path, name: str) -> Path:
+    """``directory / name``, if it resolves into ``roots`` (never says what is outside)."""
+    path = directory / name
+    try:
+        target = path.resolve()
+        inside = any(target.is_relative_to(root) for root in roots)
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise CheckpointError(
+            f"shard index {str(index)!r} names {name!r}, which is not a file inside the "
+            f"checkpoint directory {str(directory)!r}; shards must be named relative to it"
+        )
+    return path
+
+
+def _open_files(paths: list[Path], opener: Callable[[Path], Any]) -> list[Any]:
     files = []
     try:
-        for name in names:
-            path = directory / name
+        for path in paths:
             if not path.is_file():
                 raise CheckpointError(f"missing checkpoint file {str(path)!r}")
             files.append(opener(path))
@@ -236,9 +276,11 @@ def _open_files(directory: Path, names: list[str], opener: Callable[[Path], Any]
 
 
 def _sharded(directory: Path, index_name: str, opener: Callable[[Path], Any]) -> StateDict:
-    weight_map = _read_index(directory / index_name)
+    index = directory / index_name
+    weight_map = _read_index(index)
     names = sorted(set(weight_map.values()))
-    files = _open_files(directory, names, opener)
+    roots = _allowed_roots(directory)
+    files = _open_files([_shard_path(directory, roots, index, n) for n in names], opener)
     by_name = dict(zip(names, files, strict=True))
     key_to_file = {}
     for key, name in weight_map.items():
@@ -247,7 +289,7 @@ def _sharded(directory: Path, index_name: str, opener: Callable[[Path], Any]) ->
             for g in files:
                 g.close()
             raise CheckpointError(
-                f"shard index {str(directory / index_name)!r} lists tensor {key!r} in "
+                f"shard index {str(index)!r} lists tensor {key!r} in "
                 f"{name!r}, but that file does not hold it"
             )
         key_to_file[key] = f
@@ -281,9 +323,9 @@ def open_state_dict(directory: str | os.PathLike[str], *, allow_pickle: bool = F
     if pickled and not allow_pickle:
         raise CheckpointError(
             f"{str(d)!r} has only PyTorch pickle weights ({pickled[0]}), no model.safetensors. "
-            "Unpickling can run arbitrary code, so it is off by default: pass "
-            "allow_pickle=True if you trust the files (they are then read with "
-            "torch.load(weights_only=True)), or convert them to safetensors"
+            "Unpickling can run arbitrary code, so it is off by default: if you trust the "
+            "files, pass allow_pickle=True (command line: --allow-pickle; they are then read "
+            "with torch.load(weights_only=True)), or convert them to safetensors"
         )
     if PICKLE_INDEX in pickled:
         return _sharded(d, PICKLE_INDEX, _TorchFile)
@@ -292,11 +334,40 @@ def open_state_dict(directory: str | os.PathLike[str], *, allow_pickle: bool = F
     found = sorted(p.name for p in d.iterdir())
     raise CheckpointError(
         f"no weights in {str(d)!r}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} "
-        f"(or {PICKLE_FILE} with allow_pickle=True); the directory holds {found}"
+        f"(or {PICKLE_FILE} with allow_pickle=True, command line --allow-pickle); "
+        f"the directory holds {found}"
     )
 
 
 # ----------------------------------------------------------------------- hub
+_BAD_REVISION_CHARS = frozenset("\\~^:?*[")
+
+
+def _check_revision(revision: Any) -> None:
+    """``revision`` is ``None`` or a branch, tag or commit name safe to use as a cache path.
+
+    Git's ref-name rules, so that it can never leave the hub cache: no ``..``, no
+    component starting with ``.``, no leading, trailing or doubled ``/``, no whitespace,
+    control characters, backslashes or ``~^:?*[``. ``refs/pr/1`` is allowed.
+    """
+    if revision is None:
+        return
+    ok = (
+        isinstance(revision, str)
+        and 0 < len(revision) <= 255
+        and ".." not in revision
+        and not any(
+            c.isspace() or not c.isprintable() or c in _BAD_REVISION_CHARS for c in revision
+        )
+        and all(part and not part.startswith(".") for part in revision.split("/"))
+    )
+    if not ok:
+        raise ValueError(
+            "revision must be a branch or tag name (such as 'main', 'v1.0' or 'refs/pr/1') "
+            f"or a commit hash, got {_got(revision)}"
+        )
+
+
 def _looks_like_path(name: str) -> bool:
     return (
         name.startswith(("/", "./", "../", "~", "\\"))
@@ -400,10 +471,13 @@ def available_locally(
     hub id whose config and safetensors weights are in the Hugging Face cache. Never
     downloads anything: notebooks use it to pick a real model when one is present.
     """
+    _check_revision(revision)
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
-    if path.is_dir():
-        return (path / CONFIG_FILE).is_file()
+    if (path / CONFIG_FILE).is_file():
+        return True
+    if path.is_dir() and _looks_like_path(name):
+        return False
     if name == EMBEDDED_MODEL:
         try:
             embedded_model_path()
@@ -439,29 +513,41 @@ def resolve_checkpoint(
     A hub id (``"gpt2"``, ``"EleutherAI/gpt-neo-125M"``) is fetched with
     ``huggingface_hub.snapshot_download`` (config, safetensors and tokenizer files only;
     pickle weights too when ``allow_pickle``), from the cache when offline. The name
-    :data:`EMBEDDED_MODEL` (``"induction-2l"``) means the model shipped with the package,
-    unless a local directory of that name exists.
+    :data:`EMBEDDED_MODEL` (``"induction-2l"``) means the model shipped with the package.
+    A local directory wins over a hub id or the embedded model of the same name only when it
+    holds a ``config.json`` (so a report folder named ``gpt2`` never hides the model ``gpt2``);
+    names that look like paths (``./gpt2``, ``/data/gpt2``) are always local.
 
     Raises:
         CheckpointError: not a directory and not fetchable (the message says what to do).
+        ValueError: ``revision`` is not a branch, tag or commit name.
     """
+    _check_revision(revision)
     name = os.fspath(name_or_path)
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"expected a directory or hub id, got {name_or_path!r}")
     path = Path(name).expanduser()
-    if path.is_dir():
+    bare_name = not _looks_like_path(name)
+    if path.is_dir() and not (bare_name and not (path / CONFIG_FILE).is_file()):
         return path
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise CheckpointError(
             f"{name!r} is a file; pass the directory that holds config.json and model.safetensors"
         )
-    if _looks_like_path(name):
+    if not bare_name:
         raise CheckpointError(f"no such directory: {name!r}")
     if name == EMBEDDED_MODEL:
         return embedded_model_path()
-    return _download(
-        name, revision, None if cache_dir is None else os.fspath(cache_dir), allow_pickle
-    )
+    try:
+        return _download(
+            name, revision, None if cache_dir is None else os.fspath(cache_dir), allow_pickle
+        )
+    except CheckpointError as err:
+        if not path.is_dir():
+            raise
+        raise CheckpointError(
+            f"the local folder {name!r} holds no config.json, so it was taken as a hub id: {err}"
+        ) from err
 
 
 # ----------------------------------------------------------------------- steps
@@ -470,7 +556,11 @@ def read_config(directory: str | os.PathLike[str]) -> ModelConfig:
     path = Path(directory).expanduser() / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"missing file {str(path)!r}: a checkpoint needs its config.json")
-    return config_from_hf(path)
+    try:
+        return config_from_hf(path)
+    except ValueError as err:
+        where = "" if str(path) in str(err) else f" (in {str(path)!r})"
+        raise CheckpointError(f"{err}{where}") from err
 
 
 def convert_state_dict(
@@ -583,8 +673,10 @@ def load_pretrained(
         revision, cache_dir: for hub ids.
 
     Raises:
-        CheckpointError: missing/corrupt files, bad keys or shapes, unreachable hub ids.
-        ValueError: unsupported architecture.
+        CheckpointError: missing/corrupt files, a bad config.json, bad keys, shapes or
+            dtypes, shards outside the checkpoint, unreachable hub ids.
+        ValueError: unsupported architecture; a ``revision`` that is not a branch, tag or
+            commit name.
     """
     dt = _check_dtype(dtype)
     directory = resolve_checkpoint(

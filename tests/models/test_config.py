@@ -150,3 +150,172 @@ def test_model_config_validation(kwargs, match):
     )
     with pytest.raises(ValueError, match=match):
         ModelConfig(**{**base, **kwargs})
+
+
+GPT2_LIMITS = "(at most 10000)"
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"n_layer": "12"}, f"n_layer must be a positive integer {GPT2_LIMITS}, got '12' (str)"),
+        ({"n_embd": 12.5}, "n_embd must be a positive integer (at most 1000000), got 12.5 (float)"),
+        ({"n_head": True}, "n_head must be a positive integer (at most 100000), got True (bool)"),
+        ({"n_layer": [12]}, f"n_layer must be a positive integer {GPT2_LIMITS}, got [12] (list)"),
+        ({"n_inner": "x"}, "n_inner must be a positive integer (at most 10000000), got 'x' (str)"),
+        (
+            {"layer_norm_epsilon": "x"},
+            "layer_norm_epsilon must be a number from 0 to 1, got 'x' (str)",
+        ),
+        (
+            {"layer_norm_epsilon": float("nan")},
+            "layer_norm_epsilon must be a number from 0 to 1, got nan (float)",
+        ),
+        ({"activation_function": 3}, "activation_function must be a string, got 3 (int)"),
+        ({"scale_attn_weights": 1}, "scale_attn_weights must be true or false, got 1 (int)"),
+        ({"model_type": ["gpt2"]}, "model_type must be a string, got ['gpt2'] (list)"),
+        (
+            {"n_layer": 100_000_000},
+            f"n_layer must be a positive integer {GPT2_LIMITS}, got 100000000 (int)",
+        ),
+        (
+            {"n_embd": 10**12, "n_head": 1},
+            "n_embd must be a positive integer (at most 1000000), got 1000000000000 (int)",
+        ),
+        (
+            {"vocab_size": 10**8},
+            "vocab_size must be a positive integer (at most 10000000), got 100000000 (int)",
+        ),
+        (
+            {"n_positions": 10**8},
+            "n_positions must be a positive integer (at most 10000000), got 100000000 (int)",
+        ),
+    ],
+)
+def test_bad_config_values(cfg, message):
+    """Each bad value is one ValueError line naming the key, what it got and what it wants."""
+    with pytest.raises(ValueError) as info:
+        config_from_hf({"model_type": "gpt2", **cfg})
+    assert type(info.value) is ValueError
+    assert str(info.value).startswith("config_from_hf: " + message)
+    assert "\n" not in str(info.value)
+
+
+def test_transformers_errors_become_one_value_error_line(monkeypatch):
+    """Whatever transformers raises on keys lowrank does not read (its strict dataclass
+    errors are neither ValueError nor one line) becomes one ValueError line."""
+    from transformers import GPT2Config
+
+    class StrictError(Exception):
+        pass
+
+    def from_dict(data):
+        raise StrictError("Validation error for field 'bos_token_id':\n    TypeError: not int")
+
+    monkeypatch.setattr(GPT2Config, "from_dict", from_dict)
+    with pytest.raises(ValueError) as info:
+        config_from_hf({"model_type": "gpt2", "bos_token_id": "x"})
+    assert type(info.value) is ValueError
+    assert str(info.value) == (
+        "config_from_hf: transformers rejects the config (StrictError: Validation error for "
+        "field 'bos_token_id': TypeError: not int)"
+    )
+
+
+ARCH_MESSAGE = "config_from_hf: architectures must be a list of strings such as ['GPT2LMHeadModel']"
+
+
+@pytest.mark.parametrize(
+    "architectures, got",
+    [
+        ("GPT2LMHeadModel", "'GPT2LMHeadModel' (str)"),
+        ({"GPT2LMHeadModel": 1}, "{'GPT2LMHeadModel': 1} (dict)"),
+        ([1], "[1] (list)"),
+        ([["GPT2LMHeadModel"]], "[['GPT2LMHeadModel']] (list)"),
+    ],
+)
+def test_architectures_must_be_a_list_of_strings(architectures, got):
+    with pytest.raises(ValueError) as info:
+        config_from_hf({"architectures": architectures, "model_type": "gpt2"})
+    assert type(info.value) is ValueError
+    assert str(info.value) == f"{ARCH_MESSAGE}, got {got}"
+
+
+NEO_TYPES = (
+    "config_from_hf: attention_types must be a list of [[kind, ...], repeat] pairs with kinds "
+    "'global' or 'local', got "
+)
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (
+            {"num_layers": 100_000_000, "attention_types": [[["global"], 100_000_000]]},
+            "config_from_hf: num_layers must be a positive integer (at most 10000), "
+            "got 100000000 (int)",
+        ),
+        (
+            {"attention_types": [[["global", "local"], 50_000_000]]},
+            "config_from_hf: attention_types describes more than 10000 layers",
+        ),
+        (
+            {"num_layers": 3, "attention_types": [[["global"], 2]]},
+            "config_from_hf: attention_types describes 2 layers, but num_layers is 3",
+        ),
+        ({"attention_types": "global"}, NEO_TYPES + "'global' (str)"),
+        ({"attention_types": [[["sliding"], 2]]}, NEO_TYPES + "[[['sliding'], 2]] (list)"),
+        ({"attention_types": [[["global"], "2"]]}, NEO_TYPES + "[[['global'], '2']] (list)"),
+    ],
+)
+def test_bad_gpt_neo_attention_types(cfg, message):
+    with pytest.raises(ValueError) as info:
+        config_from_hf({"model_type": "gpt_neo", **cfg})
+    assert type(info.value) is ValueError
+    assert str(info.value) == message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"model_type": "gpt2", "n_layer": 100_000_000},
+        {"model_type": "gpt_neo", "num_layers": 10**8, "attention_types": [[["local"], 10**8]]},
+    ],
+)
+def test_absurd_sizes_fail_fast(cfg):
+    """No per-layer structure is built before the bound is checked."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        config_from_hf(cfg)
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match=r"n_layer must be a positive integer \(at most 10000\)"):
+        config_from_hf(GPT2Config(n_layer=100_000_000))  # a transformers object too
+    with pytest.raises(ValueError, match=r"n_layers must be a positive integer \(at most 10000\)"):
+        ModelConfig(
+            architecture="GPT2LMHeadModel",
+            **dict(n_layers=10**8, n_heads=1, d_model=8, d_head=8, d_mlp=8, d_vocab=8, n_ctx=8),
+        )
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "is nested too deeply to be a config"),
+        ('{"n_layer": ' + "9" * 5000 + "}", "is not valid JSON (Exceeds the limit"),
+        ("[1, 2]", "must hold a JSON object, got a list"),
+        ('"gpt2"', "must hold a JSON object, got a str"),
+        ("null", "must hold a JSON object, got a NoneType"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError) as info:
+        config_from_hf(tmp_path)
+    assert type(info.value) is ValueError
+    assert str(info.value).startswith(f"config_from_hf: '{tmp_path / 'config.json'}' {message}")
+    assert "\n" not in str(info.value)

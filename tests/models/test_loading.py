@@ -13,7 +13,10 @@ import torch
 from conftest import build_gpt2, flatten, hf_logits
 
 from lowrank.models import (
+    EMBEDDED_MODEL,
     CheckpointError,
+    available_locally,
+    embedded_model_path,
     load_pretrained,
     load_tokenizer,
     open_state_dict,
@@ -82,8 +85,8 @@ def test_pickle_needs_opt_in(gpt2_checkpoint, gpt2_model, tmp_path, monkeypatch)
     torch.save(gpt2_checkpoint.hf_model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(
         CheckpointError,
-        match=r"only PyTorch pickle weights \(pytorch_model"
-        r"\.bin\).*allow_pickle=True",
+        match=r"only PyTorch pickle weights \(pytorch_model\.bin\).*if you trust the files, "
+        r"pass allow_pickle=True \(command line: --allow-pickle;",
     ):
         load_pretrained(tmp_path)
     calls = []
@@ -119,8 +122,9 @@ def test_missing_files(gpt2_checkpoint, tmp_path):
     no_weights = copy_checkpoint(gpt2_checkpoint.path, tmp_path / "b", skip={"model.safetensors"})
     with pytest.raises(
         CheckpointError,
-        match=r"no weights in '.*/b': expected model\."
-        r"safetensors .*holds \['config\.json'",
+        match=r"no weights in '.*/b': expected model\.safetensors .*\(or pytorch_model\.bin "
+        r"with allow_pickle=True, command line --allow-pickle\); the directory holds "
+        r"\['config\.json'",
     ):
         load_pretrained(no_weights)
     with pytest.raises(CheckpointError, match="no such directory: '/nonexistent/model/dir'"):
@@ -148,7 +152,8 @@ def test_base_model_without_lm_head(gpt2_checkpoint, tmp_path):
     """GPT2Model checkpoints: keys without 'transformer.', no lm_head, tied unembedding."""
     from transformers import GPT2Model
 
-    gpt2_checkpoint.hf_model.transformer.save_pretrained(tmp_path)
+    # A copy: save_pretrained sets config.architectures, shared with the session fixture.
+    copy.deepcopy(gpt2_checkpoint.hf_model.transformer).save_pretrained(tmp_path)
     with open_state_dict(tmp_path) as sd:
         assert "wte.weight" in sd and not any(k.startswith("transformer.") for k in sd)
     model = load_pretrained(tmp_path, **NO_PROCESSING)
@@ -367,3 +372,243 @@ def test_missing_embedded_model_says_how_to_rebuild(monkeypatch):
     monkeypatch.setattr(loading, "EMBEDDED_MODEL", "no-such-model")
     with pytest.raises(CheckpointError, match="python -m lowrank.data.train_embedded"):
         embedded_model_path()
+
+
+# ----------------------------------------------------------------- hostile checkpoints
+def sharded_checkpoint(ckpt, path):
+    """``ckpt`` saved as several safetensors shards in ``path``; returns its index dict."""
+    ckpt.hf_model.save_pretrained(path, max_shard_size="40KB")
+    shutil.copy(ckpt.path / "config.json", path / "config.json")
+    return json.loads((path / "model.safetensors.index.json").read_text())
+
+
+def outside_message(directory, name):
+    return (
+        f"shard index '{directory / 'model.safetensors.index.json'}' names {name!r}, which is "
+        f"not a file inside the checkpoint directory '{directory}'; shards must be named "
+        "relative to it"
+    )
+
+
+@pytest.mark.parametrize("form", ["absolute", "dotdot", "symlink", "symlinked_dir"])
+def test_shard_outside_the_checkpoint(gpt2_checkpoint, tmp_path, form):
+    """An index naming a file outside the checkpoint is refused, whether the file exists
+    or not, with the same message (which does not tell them apart)."""
+    ckpt = tmp_path / "ckpt"
+    index = sharded_checkpoint(gpt2_checkpoint, ckpt)
+    shard = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / shard  # a real shard, so following the name would load it
+    name = {
+        "absolute": str(secret),
+        "dotdot": f"../outside/{shard}",
+        "symlink": "evil.safetensors",
+        "symlinked_dir": f"evil_dir/{shard}",
+    }[form]
+    if form == "symlink":
+        (ckpt / name).symlink_to(secret)
+    if form == "symlinked_dir":
+        (ckpt / "evil_dir").symlink_to(outside, target_is_directory=True)
+    weight_map = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    messages = []
+    for exists in (True, False):
+        if exists:
+            shutil.copy(ckpt / shard, secret)
+        else:
+            secret.unlink()
+        with pytest.raises(CheckpointError) as info:
+            load_pretrained(ckpt, tokenizer=False)
+        messages.append(str(info.value))
+    assert messages == [outside_message(ckpt, name)] * 2
+
+
+def test_shard_inside_the_checkpoint_via_symlink(gpt2_checkpoint, gpt2_model, tmp_path):
+    """Names that resolve inside the directory still load: subfolders, ``x/../y``, links
+    between files of the checkpoint, and a checkpoint directory reached through a link."""
+    ckpt = tmp_path / "ckpt"
+    index = sharded_checkpoint(gpt2_checkpoint, ckpt)
+    first, second, *_ = sorted(set(index["weight_map"].values()))
+    (ckpt / "sub").mkdir()
+    shutil.move(ckpt / first, ckpt / "sub" / first)
+    (ckpt / "link.safetensors").symlink_to(ckpt / second)
+    rename = {first: f"sub/{first}", second: "sub/../link.safetensors"}
+    weight_map = {k: rename.get(v, v) for k, v in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "alias").symlink_to(ckpt, target_is_directory=True)
+    assert_same_params(load_pretrained(tmp_path / "alias", tokenizer=False), gpt2_model)
+
+
+def test_sharded_hub_cache_snapshot(offline_empty_hub, gpt2_checkpoint, gpt2_model, tmp_path):
+    """The hub cache's snapshot files are symlinks into the repository's blobs: allowed."""
+    build = tmp_path / "build"
+    sharded_checkpoint(gpt2_checkpoint, build)
+    repo = offline_empty_hub / "models--someorg--sharded"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, f in enumerate(sorted(build.iterdir())):
+        shutil.copy(f, repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert_same_params(load_pretrained("someorg/sharded", tokenizer=False), gpt2_model)
+
+
+@pytest.mark.parametrize(
+    "index, found",
+    [
+        ([1, 2], "no weight_map object"),
+        ({"metadata": {}}, "no weight_map object"),
+        ({"weight_map": ["model-1.safetensors"]}, "no weight_map object"),
+        ({"weight_map": {}}, "no weight_map object"),
+        ({"weight_map": {"wte.weight": 5}}, "entry 'wte.weight': 5"),
+        ({"weight_map": {"wte.weight": ""}}, "entry 'wte.weight': ''"),
+        ({"weight_map": {"wte.weight": None}}, "entry 'wte.weight': None"),
+        ({"weight_map": {"": "model-1.safetensors"}}, "entry '': 'model-1.safetensors'"),
+    ],
+)
+def test_malformed_shard_index(gpt2_checkpoint, tmp_path, index, found):
+    copy_checkpoint(gpt2_checkpoint.path, tmp_path, skip={"model.safetensors"})
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path)
+    assert str(info.value) == (
+        f"malformed shard index '{path}': expected a non-empty \"weight_map\" object mapping "
+        f"tensor names to shard file names (non-empty strings); found {found}"
+    )
+
+
+def test_deeply_nested_shard_index(gpt2_checkpoint, tmp_path):
+    copy_checkpoint(gpt2_checkpoint.path, tmp_path, skip={"model.safetensors"})
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=f"could not read shard index '{path}': Recursion"):
+        load_pretrained(tmp_path)
+
+
+REVISION_MESSAGE = (
+    "revision must be a branch or tag name (such as 'main', 'v1.0' or 'refs/pr/1') or a "
+    "commit hash, got "
+)
+
+
+@pytest.mark.parametrize(
+    "revision, got",
+    [
+        ("../../../etc", "'../../../etc' (str)"),
+        ("refs/../../x", "'refs/../../x' (str)"),
+        ("/abs", "'/abs' (str)"),
+        ("main/", "'main/' (str)"),
+        ("a//b", "'a//b' (str)"),
+        (".hidden", "'.hidden' (str)"),
+        ("a\\b", "'a\\\\b' (str)"),
+        ("main branch", "'main branch' (str)"),
+        ("main\n", "'main\\n' (str)"),
+        ("ma\x00in", "'ma\\x00in' (str)"),
+        ("", "'' (str)"),
+        (5, "5 (int)"),
+        (b"main", "b'main' (bytes)"),
+        (["main"], "['main'] (list)"),
+    ],
+)
+def test_bad_revision(offline_empty_hub, gpt2_checkpoint, revision, got):
+    """Checked before it reaches the hub cache, where it would become a path."""
+    calls = [
+        lambda: load_pretrained("someorg/tiny-gpt2", revision=revision),
+        lambda: load_pretrained(gpt2_checkpoint.path, revision=revision),
+        lambda: resolve_checkpoint("someorg/tiny-gpt2", revision=revision),
+        lambda: available_locally("someorg/tiny-gpt2", revision=revision),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert type(info.value) is ValueError
+        assert str(info.value) == REVISION_MESSAGE + got
+
+
+@pytest.mark.parametrize(
+    "revision", ["main", "v1.0", "refs/pr/1", "my-branch_2", "0123456789abcdef" * 2 + "01234567"]
+)
+def test_good_revisions_reach_the_cache(offline_empty_hub, revision):
+    assert not available_locally("someorg/tiny-gpt2", revision=revision)
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_checkpoint("someorg/tiny-gpt2", revision=revision)
+
+
+def save_with(ckpt, path, key, value):
+    """``ckpt`` in ``path`` with tensor ``key`` replaced by ``value`` (a NumPy array)."""
+    from safetensors.numpy import load_file, save_file
+
+    copy_checkpoint(ckpt.path, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors[key] = value
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+def test_integer_tensor_is_an_error(gpt2_checkpoint, tmp_path, dtype):
+    save_with(gpt2_checkpoint, tmp_path, "transformer.ln_f.weight", np.ones(32, dtype=dtype))
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path)
+    assert str(info.value) == (
+        f"GPT-2 state dict: key 'transformer.ln_f.weight' has dtype {np.dtype(dtype)}, "
+        "expected a floating-point dtype (float32, float16, bfloat16 or float64)"
+    )
+
+
+def test_float64_beyond_float32_is_an_error(gpt2_checkpoint, tmp_path):
+    wte = np.zeros((101, 32))
+    wte[3, 4] = -1e300
+    save_with(gpt2_checkpoint, tmp_path, "transformer.wte.weight", wte)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path)
+    assert str(info.value) == (
+        "GPT-2 state dict: key 'transformer.wte.weight' (float64) holds 1e+300, beyond the "
+        "range of float32 (largest finite value 3.403e+38)"
+    )
+
+
+def test_float64_in_range_nan_and_inf_load(gpt2_checkpoint, tmp_path):
+    """Large finite values within float32, NaN and infinities load (no error, no crash)."""
+    wte = gpt2_checkpoint.hf_model.transformer.wte.weight.detach().numpy().astype(np.float64)
+    wte[1, :3] = [np.nan, np.inf, -np.inf]
+    wte[2, 0] = 3e38
+    save_with(gpt2_checkpoint, tmp_path, "transformer.wte.weight", wte)
+    W_E = np.asarray(load_pretrained(tmp_path, **NO_PROCESSING).W_E)
+    assert W_E.dtype == np.float32
+    assert np.isnan(W_E[1, 0]) and W_E[1, 1] == np.inf and W_E[1, 2] == -np.inf
+    assert W_E[2, 0] == np.float32(3e38)
+    load_pretrained(tmp_path)  # processing NaN does not crash either
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n_layer": "3"}, "n_layer must be a positive integer (at most 10000), got '3' (str)"),
+        ({"architectures": "GPT2LMHeadModel"}, "architectures must be a list of strings"),
+        ({"n_layer": 100_000_000}, "n_layer must be a positive integer (at most 10000)"),
+    ],
+)
+def test_bad_config_json_names_the_file(gpt2_checkpoint, tmp_path, change, message):
+    copy_checkpoint(gpt2_checkpoint.path, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path)
+    text = str(info.value)
+    assert text.startswith(f"config_from_hf: {message}")
+    assert text.endswith(f" (in '{tmp_path / 'config.json'}')") and "\n" not in text
+
+
+def test_a_local_folder_without_config_never_hides_a_model_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / EMBEDDED_MODEL).mkdir()  # e.g. a report written to --out induction-2l
+    (tmp_path / EMBEDDED_MODEL / "report.json").write_text("{}")
+    assert resolve_checkpoint(EMBEDDED_MODEL) == embedded_model_path()
+    assert available_locally(EMBEDDED_MODEL)
+    with pytest.raises(CheckpointError, match="no such directory"):
+        resolve_checkpoint(f"./{EMBEDDED_MODEL}-missing")
