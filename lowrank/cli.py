@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
+from typing import Any
 
 from lowrank.models import EMBEDDED_MODEL
 
@@ -15,17 +18,22 @@ interpreter's top tokens for the most-copying heads, and positional QK patterns.
 
 REPORT_HELP = """\
 Prints the tables and writes, into --out: one PNG per figure, report.json (every number)
-and index.html (tables and figures on one page). MODEL is a local checkpoint directory
-(config.json + model.safetensors) or a Hugging Face hub id (needs the hub cache or network);
-by default the small model embedded in the package. Weights are processed as in
-TransformerLens (fold LayerNorm, centre writing weights and unembedding, fold value biases).
+and index.html (tables and figures on one page). The report is written into a fresh folder
+beside --out that replaces it only when complete: a failed or interrupted run leaves the previous
+report as it was. An existing --out must be empty or an earlier report.
+MODEL is a local checkpoint directory (config.json + model.safetensors) or a Hugging Face hub id
+(needs the hub cache or network); by default the small model embedded in the package. Weights
+are processed as in TransformerLens (fold LayerNorm, centre writing weights and unembedding,
+fold value biases).
 With --distributed, every process of a multi-host job (a TPU pod slice, several GPU hosts, or
 processes on one machine) runs this same command: jax.distributed.initialize() joins them, each
 process reads the checkpoint memory-mapped and places only the slices its own devices hold on
 a (layers, heads) mesh over all devices, the per-head analyses run sharded, and process 0
 prints and writes the report. On TPU pods and SLURM the coordinator, process count and id are
 detected; elsewhere pass them.
-Exit status: 0 on success, 2 when the model cannot be loaded or the arguments are wrong."""
+Exit status: 0 on success; 2 when the arguments are wrong, --out cannot be written, or the model
+cannot be loaded or holds NaN/Inf weights (checked before any analysis); 1 when writing the
+report failed (the previous report is left unchanged)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--quiet", action="store_true", help="no progress bar (tables are still printed)"
     )
+    report.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin (pickle, via torch.load(weights_only=True)) when a "
+        "checkpoint has no safetensors",
+    )
+    report.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="report a model whose weights hold NaN or Inf (a warning instead of an error)",
+    )
     pod = report.add_argument_group("multi-process (pod) runs")
     pod.add_argument(
         "--distributed",
@@ -70,66 +89,133 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Exit(Exception):
+    """Stop the command: print ``message`` as one line on stderr, exit with ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    known = ("CheckpointError", "OutputDirError", "ValueError", "TypeError", "OSError")
+    return text if type(err).__name__ in known else f"{type(err).__name__}: {text}"
+
+
 def _join_distributed(args: argparse.Namespace) -> None:
     import jax
 
     # CPU processes exchange data through gloo; accelerators use their own interconnect.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    except Exception as err:
+        raise _Exit(2, f"error: cannot join the distributed job: {_one_line(err)}") from err
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (placed over a mesh when distributed) and the mesh (or ``None``)."""
+    from lowrank.models import load_pretrained, read_config, resolve_checkpoint
+
+    try:
+        directory = resolve_checkpoint(args.model, allow_pickle=args.allow_pickle)
+        if Path(directory).resolve() == Path(args.out).resolve():
+            raise ValueError(f"MODEL and --out are the same folder {args.out!r}")
+        if not args.distributed:
+            return load_pretrained(directory, allow_pickle=args.allow_pickle), None
+        from lowrank import sharding
+
+        config = read_config(directory)
+        mesh = sharding.make_mesh(config.n_layers, config.n_heads)
+        place = sharding.sharded_place(mesh)
+        return load_pretrained(directory, allow_pickle=args.allow_pickle, place=place), mesh
+    except Exception as err:  # a bad checkpoint can raise anything: report it, never a traceback
+        raise _Exit(2, f"error: cannot load model {args.model!r}: {_one_line(err)}") from err
+
+
+def _check_finite(model: Any, allow: bool) -> None:
+    from lowrank.report import nonfinite_parameters
+
+    bad = nonfinite_parameters(model)
+    if not bad:
+        return
+    names = ", ".join(bad)
+    if not allow:
+        raise _Exit(
+            2,
+            f"error: the model's weights hold NaN or Inf in {names} "
+            "(pass --allow-nonfinite to report it anyway)",
+        )
+    print(f"warning: the model's weights hold NaN or Inf in {names}", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace) -> int:
     import jax
 
-    from lowrank.models import CheckpointError, load_pretrained
-    from lowrank.report import Progress, build_report, format_tables, write_html
+    from lowrank import atomic_dir
+    from lowrank.report import (
+        REPORT_FILE_NAMES,
+        REPORT_FILE_SUFFIXES,
+        Progress,
+        analyse,
+        format_tables,
+        write_files,
+    )
 
     if args.top_heads < 1:
-        print("error: --top-heads must be at least 1", file=sys.stderr)
-        return 2
-    mesh = None
+        raise _Exit(2, "error: --top-heads must be at least 1")
+    kinds = {"names": REPORT_FILE_NAMES, "suffixes": REPORT_FILE_SUFFIXES}
+    try:  # before anything is computed or loaded (on process 0 again, once it is known)
+        atomic_dir.check_target(args.out, **kinds)
+    except atomic_dir.OutputDirError as err:
+        raise _Exit(2, f"error: --out: {err}") from err
     if args.distributed:
         _join_distributed(args)
     writer = jax.process_index() == 0
-    progress = None if args.quiet or not writer else Progress(total=8)
-    try:
-        if args.distributed:
-            from lowrank import sharding
-            from lowrank.models import read_config, resolve_checkpoint
-
-            directory = resolve_checkpoint(args.model)
-            config = read_config(directory)
-            mesh = sharding.make_mesh(config.n_layers, config.n_heads)
-            model = load_pretrained(directory, place=sharding.sharded_place(mesh))
-        else:
-            model = load_pretrained(args.model)
-    except (CheckpointError, OSError, ValueError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: cannot load model {args.model!r}: {message}", file=sys.stderr)
-        return 2
-    if progress:
-        progress.step("load model")
-    report = build_report(
-        model, args.out, name=args.model, top_heads=args.top_heads, progress=progress, mesh=mesh
-    )
-    if not writer:
-        return 0
-    page = write_html(report, args.out)
-    if progress:
-        progress.step("report.json + index.html")
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if writer:
+            try:  # creating the staging folder is the real test that --out can be written
+                folder = stack.enter_context(atomic_dir.staged(args.out, **kinds))
+            except (atomic_dir.OutputDirError, OSError) as err:
+                raise _Exit(2, f"error: --out: {_one_line(err)}") from err
+        progress = None if args.quiet or not writer else Progress(total=8)
+        model, mesh = _load(args)
+        if progress:
+            progress.step("load model")
+        _check_finite(model, args.allow_nonfinite)
+        results = analyse(
+            model, name=args.model, top_heads=args.top_heads, mesh=mesh, progress=progress
+        )
+        if folder is None:
+            return 0
+        try:
+            report = write_files(results, folder, progress=progress)
+            stack.close()  # publish: the new report replaces the old one in one step
+        except OSError as err:
+            raise _Exit(
+                1,
+                f"error: could not write the report into {args.out!r} ({_one_line(err)}); "
+                "the previous contents of that folder are unchanged",
+            ) from err
     print(format_tables(report))
-    print(f"\nWrote {len(report['figures'])} figures, report.json and {page}")
+    print(f"\nWrote {len(report['figures'])} figures, report.json and index.html to {args.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "report":
-        return _report(args)
+    try:
+        if args.command == "report":
+            return _report(args)
+    except _Exit as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.code
     return 2  # unreachable: argparse rejects unknown commands
 
 

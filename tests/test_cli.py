@@ -1,9 +1,15 @@
 """The ``python -m lowrank report`` command."""
 
+import errno
 import io
 import json
+import os
+import pickle
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +95,306 @@ def test_progress_bar_without_a_terminal():
     progress.step("two")
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("[##..] 1/2 one") and lines[1].startswith("[####] 2/2 two")
+
+
+# ------------------------------------------------------------------ hardening
+# Failure injection runs the real CLI with the analysis patched to return precomputed results
+# of the same model, so each test costs seconds, not a full analysis.
+
+
+def _run(argv):
+    """``main(argv)`` with its stdout and stderr captured: ``(code, stdout, stderr)``."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = stdout, stderr
+    try:
+        return main(argv), stdout.getvalue(), stderr.getvalue()
+    finally:
+        sys.stdout, sys.stderr = old
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _staging_left(parent):
+    return [p.name for p in parent.iterdir() if ".lowrank-staging-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def results(gpt2_checkpoint):
+    from lowrank.report import analyse
+
+    return analyse(load_pretrained(gpt2_checkpoint.path), name=str(gpt2_checkpoint.path))
+
+
+@pytest.fixture
+def fast(monkeypatch, results):
+    """Analyses replaced by the precomputed ``results``."""
+    import lowrank.report
+
+    monkeypatch.setattr(lowrank.report, "analyse", lambda *args, **kwargs: results)
+
+
+@pytest.fixture
+def previous(report_run, tmp_path):
+    """A complete earlier report in ``tmp_path / 'out'`` and its bytes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in report_run[3].iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    return out, _snapshot(out)
+
+
+def _argv(checkpoint, out, *extra):
+    return ["report", str(checkpoint.path), "--out", str(out), "--quiet", *extra]
+
+
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("injected"), OSError(errno.ENOSPC, "No space left on device")]
+)
+def test_failed_json_write_leaves_the_previous_report(
+    gpt2_checkpoint, previous, fast, monkeypatch, failure
+):
+    import lowrank.report
+
+    out, before = previous
+
+    def broken(report):
+        raise failure
+
+    monkeypatch.setattr(lowrank.report, "dumps", broken)
+    if isinstance(failure, OSError):  # disk full: one line, exit 1, and it says so
+        code, _, err = _run(_argv(gpt2_checkpoint, out))
+        assert code == 1 and err.count("\n") == 1
+        assert "No space left on device" in err and "previous contents" in err
+    else:
+        with pytest.raises(RuntimeError, match="injected"):
+            main(_argv(gpt2_checkpoint, out))
+    assert _snapshot(out) == before
+    assert not _staging_left(out.parent)
+
+
+def test_disk_full_while_drawing_leaves_the_previous_report(
+    gpt2_checkpoint, previous, fast, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    out, before = previous
+    calls = []
+
+    def savefig(self, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, path, **kwargs)
+
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    code, _, err = _run(_argv(gpt2_checkpoint, out))
+    assert code == 1 and "No space left on device" in err
+    assert _snapshot(out) == before and not _staging_left(out.parent)
+
+
+def test_new_report_replaces_stale_files(gpt2_checkpoint, previous, fast):
+    out, before = previous
+    (out / "old_figure.png").write_bytes(b"\x89PNG stale")
+    code, _, _ = _run(_argv(gpt2_checkpoint, out))
+    assert code == 0
+    assert not (out / "old_figure.png").exists()
+    assert sorted(_snapshot(out)) == sorted(before)
+
+
+KILL_MID_FIGURES = """
+import pickle, sys, time
+from pathlib import Path
+import lowrank.report
+from matplotlib.figure import Figure
+from lowrank.cli import main
+
+results = pickle.loads(Path(sys.argv[1]).read_bytes())
+lowrank.report.analyse = lambda *args, **kwargs: results
+original, saved = Figure.savefig, []
+
+def savefig(self, path, **kwargs):
+    original(self, path, **kwargs)
+    saved.append(path)
+    if len(saved) == 2:
+        Path(sys.argv[2]).write_text("mid-figures")
+        time.sleep(600)
+
+Figure.savefig = savefig
+main(sys.argv[3:])
+"""
+
+
+def test_sigkill_mid_figures_leaves_the_previous_report(
+    gpt2_checkpoint, previous, results, tmp_path
+):
+    out, before = previous
+    pickled, marker = tmp_path / "results.pkl", tmp_path / "marker"
+    pickled.write_bytes(pickle.dumps(results))
+    env = {**os.environ, "MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_MID_FIGURES, pickled, marker, *_argv(gpt2_checkpoint, out)],
+        env=env,
+    )
+    try:
+        while not marker.exists():  # no deadline: a loaded machine is slow, not wrong
+            assert child.poll() is None, "the child ended before drawing two figures"
+            time.sleep(0.05)
+        staging = _staging_left(out.parent)
+        assert len(staging) == 1 and any((out.parent / staging[0]).glob("*.png"))
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert _snapshot(out) == before
+
+
+def test_interrupted_run_leaves_the_previous_report(gpt2_checkpoint, previous, monkeypatch):
+    import lowrank.report
+
+    out, before = previous
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lowrank.report, "analyse", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(_argv(gpt2_checkpoint, out))
+    assert _snapshot(out) == before and not _staging_left(out.parent)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model."""
+    import lowrank.models
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(lowrank.models, "load_pretrained", forbidden)
+    monkeypatch.setattr(lowrank.models, "resolve_checkpoint", forbidden)
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [
+        (lambda tmp: (tmp / "file").write_text("x") and tmp / "file", "is a file"),
+        (lambda tmp: tmp / "missing" / "out", "does not exist"),
+        (lambda tmp: Path("/proc/lowrank-report"), "--out"),
+        (
+            lambda tmp: (
+                (tmp / "mine").mkdir()
+                or (tmp / "mine" / "notes.txt").write_text("x")
+                and tmp / "mine"
+            ),
+            "not an earlier report",
+        ),
+        (lambda tmp: (tmp / "link").symlink_to(tmp) or tmp / "link", "symbolic link"),
+    ],
+    ids=["file", "missing-parent", "unwritable", "other-files", "symlink"],
+)
+def test_bad_output_folder_is_one_line_before_loading(tmp_path, no_loading, make_out, message):
+    out = make_out(tmp_path)
+    code, _, err = _run(["report", "--out", str(out)])
+    assert code == 2, err
+    assert err.startswith("error: --out") and err.count("\n") == 1 and message in err
+    assert not _staging_left(tmp_path)
+
+
+def _copy_checkpoint(source, target):
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_strict_json_and_nonfinite_weights(gpt2_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = _copy_checkpoint(gpt2_checkpoint.path, tmp_path / "nan")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["transformer.h.1.attn.c_proj.weight"][0, 0] = np.nan
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = _run(["report", str(ckpt), "--out", str(out), "--quiet"])
+    assert code == 2 and err.count("\n") == 1
+    assert "NaN or Inf" in err and "blocks.attn.W_O" in err and "--allow-nonfinite" in err
+    assert not out.exists()
+
+    code, _, err = _run(["report", str(ckpt), "--out", str(out), "--quiet", "--allow-nonfinite"])
+    assert code == 0 and err.startswith("warning:")
+
+    def reject(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    report = json.loads((out / "report.json").read_text(), parse_constant=reject)
+    assert None in report["copying_scores"]["full_ov"][1]  # NaN became null
+
+
+def _bad_config(gpt2_checkpoint, tmp_path, **changes):
+    ckpt = _copy_checkpoint(gpt2_checkpoint.path, tmp_path / "bad")
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"n_layer": "3"},
+        {"n_embd": 32.5},
+        {"architectures": "GPT2LMHeadModel"},
+        {"architectures": {"a": 1}},
+        {"n_layer": 100_000_000},
+        {"layer_norm_epsilon": "small"},
+    ],
+    ids=str,
+)
+def test_bad_config_is_one_line_exit_2(gpt2_checkpoint, tmp_path, changes):
+    ckpt = _bad_config(gpt2_checkpoint, tmp_path, **changes)
+    start = time.perf_counter()
+    code, _, err = _run(["report", str(ckpt), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and err.startswith("error: cannot load model") and err.count("\n") == 1
+    assert time.perf_counter() - start < 60  # fails fast, never builds 1e8 layers
+    assert not (tmp_path / "out").exists() and not _staging_left(tmp_path)
+
+
+def test_deeply_nested_config_is_one_line_exit_2(gpt2_checkpoint, tmp_path):
+    ckpt = _copy_checkpoint(gpt2_checkpoint.path, tmp_path / "deep")
+    (ckpt / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = _run(["report", str(ckpt), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and err.startswith("error: cannot load model") and err.count("\n") == 1
+
+
+def test_pickle_checkpoint_names_the_cli_option(gpt2_checkpoint, tmp_path, fast):
+    import torch
+
+    ckpt = _copy_checkpoint(gpt2_checkpoint.path, tmp_path / "pickled")
+    (ckpt / "model.safetensors").unlink()
+    torch.save(gpt2_checkpoint.hf_model.state_dict(), ckpt / "pytorch_model.bin")
+    out = tmp_path / "out"
+    code, _, err = _run(["report", str(ckpt), "--out", str(out), "--quiet"])
+    assert code == 2 and "--allow-pickle" in err and err.count("\n") == 1
+    code, _, err = _run(["report", str(ckpt), "--out", str(out), "--quiet", "--allow-pickle"])
+    assert code == 0, err
+    assert (out / "report.json").exists()
+
+
+def test_out_folder_never_shadows_the_model_name(tmp_path, monkeypatch, fast):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run finds ./induction-2l, the first run's report
+        code, _, err = _run(["report", "induction-2l", "--out", "induction-2l", "--quiet"])
+        assert code == 0, err
+    assert (tmp_path / "induction-2l" / "report.json").exists()
+
+
+def test_model_and_out_the_same_folder(gpt2_checkpoint, tmp_path):
+    ckpt = _copy_checkpoint(gpt2_checkpoint.path, tmp_path / "ckpt")
+    code, _, err = _run(["report", str(ckpt), "--out", str(ckpt), "--quiet"])
+    assert code == 2 and err.count("\n") == 1
+    assert (ckpt / "config.json").exists()

@@ -218,7 +218,7 @@ def _svd(A: Any, B: Any, dep: Any = None) -> tuple[Any, Any, Any]:
     """Thin SVD of ``A @ B`` from the factors: NumPy for NumPy input, else ``lowrank.svd``.
 
     ``dep`` (jax path) is an array the decomposition is made to wait for, so that two
-    batched LAPACK calls in one jitted program never run at once (see DESIGN.md).
+    batched LAPACK calls in one jitted program never run at once (README, Development).
     """
     if isinstance(A, np.ndarray) and isinstance(B, np.ndarray):
         Qa, Ra = np.linalg.qr(A)
