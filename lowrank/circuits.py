@@ -28,6 +28,7 @@ _COMPOSITION_STEP_ELEMENTS = 2**25
 
 __all__ = [
     "composition_baseline",
+    "composition_schedule",
     "composition_scores",
     "copying_scores",
     "full_ov_circuit",
@@ -122,7 +123,36 @@ def _right_factors(model: Any, kind: str) -> tuple[Array, Array]:
     raise ValueError(f"composition_scores: kind must be 'Q', 'K' or 'V', got {kind!r}")
 
 
-def composition_scores(model: Any, kind: CompositionKind, *, pair_sharding: Any = None) -> Array:
+def composition_schedule(
+    n_layers: int, n_heads: int, d_head: int, *, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (left layer, right layer) pairs of :func:`composition_scores`, in scan steps.
+
+    Every pair with ``left < right``, a fixed number per step (about 128 MiB of work each), in
+    ``np.triu_indices`` order and padded by repeating pairs.
+
+    Args:
+        multiple: the number of pairs per step is a multiple of this (e.g. a device count, so
+            that a step's pairs split evenly over devices).
+
+    Returns:
+        ``left, right``: int32 ``[steps, pairs_per_step]``.
+    """
+    left, right = np.triu_indices(n_layers, k=1)
+    block = (n_heads * d_head) ** 2
+    steps = -(-len(left) // max(multiple, _COMPOSITION_STEP_ELEMENTS // block))
+    per_step = -(-len(left) // steps)  # balanced steps: at most steps - 1 padded pairs
+    per_step = -(-per_step // multiple) * multiple
+    shape = (steps, per_step)
+    return (
+        np.resize(left, steps * per_step).reshape(shape).astype(np.int32),
+        np.resize(right, steps * per_step).reshape(shape).astype(np.int32),
+    )
+
+
+def composition_scores(
+    model: Any, kind: CompositionKind, *, schedule: tuple[Array, Array] | None = None
+) -> Array:
     """Q-, K- or V-composition ``||L R||_F / (||L||_F ||R||_F)`` of all head pairs.
 
     ``L`` is the OV circuit of an earlier head; ``R`` is the QK circuit (``kind="Q"``), its
@@ -136,8 +166,9 @@ def composition_scores(model: Any, kind: CompositionKind, *, pair_sharding: Any 
     layer pairs at a time.
 
     Args:
-        pair_sharding: a 1-D sharding over which each step's layer pairs are split (set by
-            :func:`lowrank.sharding.composition_scores`; ``None`` on one device).
+        schedule: the layer pairs of each step (:func:`composition_schedule`, the default).
+            :func:`lowrank.sharding.composition_scores` passes one whose steps are split over
+            devices.
 
     Returns:
         ``[L, H, L, H]`` (left layer, left head, right layer, right head), zero unless
@@ -146,6 +177,14 @@ def composition_scores(model: Any, kind: CompositionKind, *, pair_sharding: Any 
     A1, B1 = model.W_V, model.W_O  # left = A1 @ B1
     A2, B2 = _right_factors(model, kind)  # right = A2 @ B2
     n_layers, n_heads, d_model, d_head = A1.shape
+    n_pairs = n_layers * (n_layers - 1) // 2
+    steps = composition_schedule(n_layers, n_heads, d_head) if schedule is None else schedule
+    lo_steps, hi_steps = jnp.asarray(steps[0]), jnp.asarray(steps[1])
+    if lo_steps.ndim != 2 or lo_steps.shape != hi_steps.shape or lo_steps.size < n_pairs:
+        raise ValueError(
+            "composition_scores: schedule must be two [steps, pairs_per_step] arrays covering "
+            f"all {n_pairs} layer pairs, got shapes {lo_steps.shape} and {hi_steps.shape}"
+        )
     G1 = _mm(_mT(A1), A1)  # [L, H, dh, dh]
     G2 = _mm(B2, _mT(B2))
     left_sq = jnp.sum(G1 * _mm(B1, _mT(B1)), axis=(-2, -1))  # ||A1 B1||_F^2, [L, H]
@@ -153,30 +192,18 @@ def composition_scores(model: Any, kind: CompositionKind, *, pair_sharding: Any 
     B1_rows = B1.reshape(n_layers, n_heads * d_head, d_model)
     A2_cols = jnp.moveaxis(A2, 2, 1).reshape(n_layers, d_model, n_heads * d_head)
 
-    # Every (left layer, right layer) pair with left < right, a fixed number per scan step:
-    # bounded memory, a compile time independent of depth, no work on masked pairs.
-    left, right = np.triu_indices(n_layers, k=1)
-    block = (n_heads * d_head) ** 2
-    devices = 1 if pair_sharding is None else len(pair_sharding.device_set)
-    steps = -(-len(left) // max(devices, _COMPOSITION_STEP_ELEMENTS // block))
-    per_step = -(-len(left) // steps)  # balanced steps: at most steps - 1 padded pairs
-    per_step = -(-per_step // devices) * devices  # every device gets as many pairs
-    padded_left = np.resize(left, steps * per_step).reshape(steps, per_step)
-    padded_right = np.resize(right, steps * per_step).reshape(steps, per_step)
-
     def pair_norms(_: None, pair: tuple[Array, Array]) -> tuple[None, Array]:
         lo, hi = pair
-        if pair_sharding is not None:
-            lo, hi = jax.lax.with_sharding_constraint((lo, hi), pair_sharding)
         C = _mm(B1_rows[lo], A2_cols[hi])  # [k, H dh, H dh]
-        C = C.reshape(per_step, n_heads, d_head, n_heads, d_head)
+        C = C.reshape(lo.shape[0], n_heads, d_head, n_heads, d_head)
         left_side = jnp.einsum("khab,khbgc->khagc", G1[lo], C, precision=HIGHEST)
         right_side = jnp.einsum("khagb,kgbc->khagc", C, G2[hi], precision=HIGHEST)
         return None, jnp.sum(left_side * right_side, axis=(2, 4))  # [k, H, H]
 
-    pairs = (jnp.asarray(padded_left), jnp.asarray(padded_right))
-    _, norm_sq = jax.lax.scan(pair_norms, None, pairs)
-    norm_sq = norm_sq.reshape(-1, n_heads, n_heads)[: len(left)]
+    # A scan over steps: bounded memory, a compile time independent of depth.
+    _, norm_sq = jax.lax.scan(pair_norms, None, (lo_steps, hi_steps))
+    norm_sq = norm_sq.reshape(-1, n_heads, n_heads)[:n_pairs]
+    left, right = np.triu_indices(n_layers, k=1)
     grid = jnp.zeros((n_layers, n_layers, n_heads, n_heads), dtype=norm_sq.dtype)
     grid = jnp.moveaxis(grid.at[left, right].set(norm_sq), 1, 2)  # [L, H, L, H]
     numerator = jnp.sqrt(jnp.maximum(grid, 0))

@@ -117,6 +117,9 @@ def _prepare(a: Array) -> tuple[Array, Array, Array]:
     a = jnp.where(finite[:, None, None], a, 0)
     amax = jnp.max(jnp.abs(a), axis=(-2, -1))
     _, exponent = jnp.frexp(jnp.where(amax > 0, amax, 1))
+    # 2**128 is inf in float32 and XLA flushes 1 / 2**127 to zero: near the top of the range,
+    # max-abs ends up in [0.5, 4) instead.
+    exponent = jnp.minimum(exponent, jnp.finfo(a.dtype).maxexp - 2)
     scale = jnp.ldexp(jnp.ones_like(amax), exponent)
     return a / scale[:, None, None], scale, finite
 

@@ -45,7 +45,7 @@ def lapack_one_matrix_at_a_time() -> Iterator[None]:
 
     jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block on it.
     When several CPU devices run such kernels at once (a program sharded over a multi-device
-    CPU mesh) the blocked waiters can hold every pool thread: a deadlock (DESIGN.md). A kernel
+    CPU mesh) the blocked waiters can hold every pool thread: a deadlock. A kernel
     given a single matrix runs inline. :func:`lowrank.sharding.sharded` enters this context on
     CPU meshes; it changes nothing on other platforms.
     """
@@ -85,6 +85,33 @@ def _mT(x: Array) -> Array:
 
 def _compute_dtype(dtype: Any) -> Any:
     return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
+
+
+def _pow2(e: Array, dtype: Any) -> Array:
+    """Exactly ``2.0**e`` for integer ``e`` in the normal exponent range of ``dtype``."""
+    info = jnp.finfo(dtype)
+    bits = (e + (info.maxexp - 1)).astype(f"int{info.bits}") << info.nmant
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _unit_scale(x: Array) -> tuple[Array, Array]:
+    """``(x * 2**-e, e)`` per matrix, ``e`` chosen (without gradient) so that the largest entry
+    lies in ``[0.5, 1)``: exact, and ``e = 0`` for zero or non-finite matrices."""
+    info = jnp.finfo(x.dtype)
+    amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=(-2, -1)))
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(amax), amax, 0))
+    e = jnp.clip(e, info.minexp, info.maxexp - 2)
+    return x * _pow2(-e, x.dtype)[..., None, None], e
+
+
+def _scale_back(y: Array, e: Array) -> Array:
+    """``y * 2**e`` (real or complex) in two exact steps, so ``|e|`` may reach twice the
+    exponent range without an intermediate overflow or underflow."""
+    real = jnp.finfo(y.dtype).dtype
+    a, b = _pow2(e // 2, real), _pow2(e - e // 2, real)
+    if jnp.iscomplexobj(y):
+        return jax.lax.complex(y.real * a * b, y.imag * a * b)
+    return y * a * b
 
 
 def _upcast(M: FactoredMatrix) -> FactoredMatrix:
@@ -136,7 +163,7 @@ class _Serial:
 
     jaxlib's CPU LAPACK kernels (qr, svd, eig, eigh, potrf, trsm) split a batch over XLA's
     intra-op thread pool and block on it; two such calls running at once on a 2-core machine
-    can deadlock (see DESIGN.md). Each call made through ``_Serial`` takes an input that depends
+    can deadlock. Each call made through ``_Serial`` takes an input that depends
     on the previous call's outputs, so XLA cannot overlap them. ``optimization_barrier`` does
     not do this: it aliases buffers and adds no dependency.
     """
@@ -235,13 +262,19 @@ def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
 
     The factors are orthogonalised (Cholesky QR2, or Householder QR when a factor is too
     ill-conditioned for it) and the ``m x m`` core ``Ra @ Rb^T`` is decomposed; ``A @ B`` is
-    never formed.
+    never formed. Gradients are finite for rank-deficient factors too (see
+    :func:`_factored_svd_jvp`).
 
     Returns:
         ``U: [..., l, k]``, ``S: [..., k]`` (descending), ``Vh: [..., k, r]`` with
         ``k = min(l, m, r)``. ``Vh`` holds the right singular vectors as rows; the
         TransformerLens-style ``V`` (columns) is ``FactoredMatrix.V``.
     """
+    return _factored_svd(M)
+
+
+@jax.custom_jvp
+def _factored_svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
     run = _Serial()
 
     def householder() -> tuple[Array, Array, Array]:
@@ -266,6 +299,47 @@ def svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
     return _with_fallback(run, (U, S, Vh), defect, _SVD_MAX_DEFECT, householder)
 
 
+def _tangent_times_v(M: FactoredMatrix, dM: FactoredMatrix, V: Array) -> Array:
+    """``dX V`` for ``dX = dA B + A dB``, the tangent of ``X = A B``, without forming it."""
+    return _mm(dM.A, _mm(M.B, V)) + _mm(M.A, _mm(dM.B, V))
+
+
+@_factored_svd.defjvp
+def _factored_svd_jvp(
+    primals: tuple[FactoredMatrix], tangents: tuple[FactoredMatrix]
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
+    """The thin-SVD derivative (as ``jnp.linalg.svd``'s, with ``I - U U^T`` terms on both sides)
+    from the factors.
+
+    Autodiff through the algorithm would differentiate a Cholesky or QR of a singular Gram
+    matrix or factor (NaN for a zero-ablated head). The singular values' derivative
+    ``u_i^T dX v_i`` needs only the primal vectors; in the vectors' derivatives the
+    ``1 / s_i`` and ``1 / (s_j^2 - s_i^2)`` of numerically zero or tied values (where the
+    vectors are arbitrary) are set to zero.
+    """
+    (M,), (dM,) = primals, tangents
+    U, S, Vh = _factored_svd(M)
+    V = _mT(Vh)
+    dXV = _tangent_times_v(M, dM, V)
+    dXtU = _tangent_times_v(M.T, dM.T, U)
+    dP = _mm(_mT(U), dXV)
+    dS = jnp.diagonal(dP, axis1=-2, axis2=-1)
+    # On S / max(S) in [0, 1], so that the inverses overflow only where the result does.
+    top = jnp.where(S[..., :1] > 0, S[..., :1], 1)
+    s = S / top
+    eps = max(M.ldim, M.rdim) * float(jnp.finfo(S.dtype).eps)
+    inv_s = _inverse_or_zero(jnp.where(s > eps, s, 0)) / top
+    s_row, s_col = s[..., None, :], s[..., :, None]
+    tied = jnp.abs(s_row - s_col) <= eps
+    F = _inverse_or_zero(jnp.where(tied, 0, (s_row - s_col) * (s_row + s_col))) / top[..., None]
+    omega_u = F * (dP * s_row + s_col * _mT(dP))  # U^T dU
+    omega_v = F * (s_col * dP + _mT(dP) * s_row)  # V^T dV
+    dU = _mm(U, omega_u) + (dXV - _mm(U, dP)) * inv_s[..., None, :]
+    dV = _mm(V, omega_v) + (dXtU - _mm(V, _mT(dP))) * inv_s[..., None, :]
+    return (U, S, Vh), (dU, dS, _mT(dV))
+
+
+@jax.custom_jvp
 @_per_matrix
 def _dense_svdvals(x: Array) -> Array:
     # Square it up with a QR first: LAPACK's gesdd, as jaxlib calls it, allocates U [l, l] even
@@ -277,13 +351,27 @@ def _dense_svdvals(x: Array) -> Array:
     return jnp.linalg.svd(x, compute_uv=False)
 
 
+@_dense_svdvals.defjvp
+def _dense_svdvals_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    """``ds_i = u_i^T dx v_i``: the QR's derivative is NaN for a rank-deficient ``x``."""
+    (x,), (dx,) = primals, tangents
+    U, S, Vh = _thin_svd(x)
+    return S, jnp.sum(U * _mm(dx, _mT(Vh)), axis=-2)
+
+
 @_dispatch(_dense_svdvals)
 def svdvals(M: FactoredMatrix) -> Array:
     """Singular values ``[..., min(l, m, r)]`` in descending order.
 
     Computed from the Cholesky factors of the Gram matrices ``A^T A`` and ``B B^T`` (``m x m``,
     matmul-fast) when both factors are well conditioned, else from Householder QR.
+    Differentiated as ``ds_i = u_i^T dX v_i`` (finite for rank-deficient factors).
     """
+    return _factored_svdvals(M)
+
+
+@jax.custom_jvp
+def _factored_svdvals(M: FactoredMatrix) -> Array:
     run = _Serial()
 
     def householder() -> Array:
@@ -297,19 +385,38 @@ def svdvals(M: FactoredMatrix) -> Array:
     return _with_fallback(run, S, cond, _SVDVALS_MAX_COND, householder)
 
 
+@_factored_svdvals.defjvp
+def _factored_svdvals_jvp(
+    primals: tuple[FactoredMatrix], tangents: tuple[FactoredMatrix]
+) -> tuple[Array, Array]:
+    # One SVD with vectors (values from it too: a second decomposition could overlap it).
+    (M,), (dM,) = primals, tangents
+    U, S, Vh = _factored_svd(M)
+    return S, jnp.sum(U * _tangent_times_v(M, dM, _mT(Vh)), axis=-2)
+
+
 @_per_matrix
 def _eigvals(x: Array) -> Array:
     """LAPACK's ``geev`` on CPU; the batched pure-JAX solver elsewhere (XLA's ``eig`` does not
     exist on TPU and runs one matrix at a time on GPU)."""
-    return jax.lax.platform_dependent(x, cpu=jnp.linalg.eigvals, default=eigensolver.eigvals)
+
+    def lapack(x: Array) -> Array:
+        # jaxlib's geev returns wrongly scaled float32 eigenvalues for matrices of norm above
+        # ~5e11 or below ~1e-12: give it max-abs ~1. (The pure-JAX solver scales by itself.)
+        x, e = _unit_scale(x)
+        return _scale_back(jnp.linalg.eigvals(x), e[..., None])
+
+    return jax.lax.platform_dependent(x, cpu=lapack, default=eigensolver.eigvals)
 
 
 @_per_matrix
 def _eig(x: Array) -> tuple[Array, Array]:
-    """Eigenvalues and unit right eigenvectors; backends as in :func:`_eigvals`."""
+    """Eigenvalues and unit right eigenvectors; backends (and scaling) as in :func:`_eigvals`."""
 
     def lapack(x: Array) -> tuple[Array, Array]:
-        return tuple(jnp.linalg.eig(x))  # type: ignore[return-value]
+        x, e = _unit_scale(x)
+        w, v = jnp.linalg.eig(x)
+        return _scale_back(w, e[..., None]), v
 
     return jax.lax.platform_dependent(x, cpu=lapack, default=eigensolver.eig)
 
@@ -360,24 +467,92 @@ def eig(M: FactoredMatrix) -> tuple[Array, Array]:
     return w, vecs / jnp.where(length > 0, length, 1).astype(vecs.dtype)
 
 
+def _inverse_or_zero(x: Array) -> Array:
+    """``1 / x`` where ``x != 0``, else 0 (a double ``where``: no NaN in the backward pass)."""
+    nonzero = x != 0
+    return jnp.where(nonzero, 1 / jnp.where(nonzero, x, 1), 0)
+
+
+def _dense_norm_and_grad(x: Array) -> tuple[Array, Array]:
+    """``||x||_F`` and its gradient ``x / ||x||_F`` (zero at ``x = 0``), computed on ``x``
+    scaled by a power of two: squares of entries beyond ~1e19 or below ~1e-19 over/underflow."""
+    u, e = _unit_scale(x)
+    unit_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=(-2, -1)))
+    return _scale_back(unit_norm, e), u * _inverse_or_zero(unit_norm)[..., None, None]
+
+
+@jax.custom_jvp
 def _dense_norm(x: Array) -> Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1)))
+    return _dense_norm_and_grad(x)[0]
 
 
-@_dispatch(_dense_norm)
-def norm(M: FactoredMatrix) -> Array:
-    """Frobenius norm ``||A @ B||_F: [...]`` without an SVD.
+@_dense_norm.defjvp
+def _dense_norm_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    # Closed-form gradient: autodiff through the scaling would multiply the cotangent by the
+    # norm's scale first and underflow (or overflow) inside the backward pass.
+    norm, grad = _dense_norm_and_grad(*primals)
+    return norm, jnp.sum(grad * tangents[0], axis=(-2, -1))
+
+
+def _factored_norm_and_grads(A: Array, B: Array) -> tuple[Array, Callable[[], tuple[Array, Array]]]:
+    """``||AB||_F`` and a function for its gradients, on factors scaled by powers of two so
+    that nothing over- or underflows unless the result does.
 
     Uses ``||AB||_F^2 = sum((A^T A) * (B B^T))`` (two ``m x m`` Gram matrices) unless
     multiplying out is cheaper (``m`` larger than ``l`` or ``r``).
     """
-    l, m, r = M.ldim, M.mdim, M.rdim
-    if m * m * (l + r) <= l * m * r:
-        gram_a = _mm(_mT(M.A), M.A)
-        gram_b = _mm(M.B, _mT(M.B))
+    (A, ea), (B, eb) = _unit_scale(A), _unit_scale(B)
+    l, m = A.shape[-2:]
+    r = B.shape[-1]
+    use_gram = m * m * (l + r) <= l * m * r
+    if use_gram:
+        gram_a, gram_b = _mm(_mT(A), A), _mm(B, _mT(B))
         sq = jnp.sum(gram_a * gram_b, axis=(-2, -1))
-        return jnp.sqrt(jnp.maximum(sq, 0))
-    return _dense_norm(_mm(M.A, M.B))
+    else:
+        AB = _mm(A, B)
+        sq = jnp.sum(jnp.square(AB), axis=(-2, -1))
+    unit_norm = jnp.sqrt(jnp.maximum(sq, 0))
+
+    def grads() -> tuple[Array, Array]:
+        """``A B B^T / ||AB||`` and ``A^T A B / ||AB||`` (zero where ``AB = 0``)."""
+        if use_gram:
+            ABBt, AtAB = _mm(A, gram_b), _mm(gram_a, B)
+        else:
+            ABBt, AtAB = _mm(AB, _mT(B)), _mm(_mT(A), AB)
+        inv = _inverse_or_zero(unit_norm)[..., None, None]
+        return (
+            _scale_back(ABBt * inv, eb[..., None, None]),
+            _scale_back(AtAB * inv, ea[..., None, None]),
+        )
+
+    return _scale_back(unit_norm, ea + eb), grads
+
+
+@jax.custom_jvp
+def _factored_norm(A: Array, B: Array) -> Array:
+    return _factored_norm_and_grads(A, B)[0]
+
+
+@_factored_norm.defjvp
+def _factored_norm_jvp(
+    primals: tuple[Array, Array], tangents: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    # As in _dense_norm_jvp; the gradients are computed only here.
+    norm, grads = _factored_norm_and_grads(*primals)
+    (grad_A, grad_B), (dA, dB) = grads(), tangents
+    return norm, jnp.sum(grad_A * dA, axis=(-2, -1)) + jnp.sum(grad_B * dB, axis=(-2, -1))
+
+
+@_dispatch(_dense_norm)
+def norm(M: FactoredMatrix) -> Array:
+    """Frobenius norm ``||A @ B||_F: [...]`` without an SVD, accurate wherever it is
+    representable.
+
+    Uses ``||AB||_F^2 = sum((A^T A) * (B B^T))`` (two ``m x m`` Gram matrices) unless
+    multiplying out is cheaper (``m`` larger than ``l`` or ``r``). Its gradient at
+    ``A @ B = 0`` is zero (a subgradient).
+    """
+    return _factored_norm(M.A, M.B)
 
 
 def _dense_trace(x: Array) -> Array:

@@ -167,15 +167,22 @@ def analyse(
         raise ValueError(f"analyse: top_heads must be at least 1, got {top_heads}")
     tick: Callable[[str], None] = progress.step if progress is not None else (lambda _: None)
 
-    def compute(fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` jitted (sharded over ``mesh``), as NumPy arrays on this host."""
-        jitted = jax.jit(fn) if mesh is None else sharding.sharded(fn, mesh, c.n_layers, c.n_heads)
+    def compute(fn: Callable[..., Any], *args: Any, per_head: bool = False) -> Any:
+        """``fn(*args)`` jitted (over ``mesh``: ``[L, H, ...]`` results split where their heads
+        live when ``per_head``, else replicated), as NumPy arrays on this host."""
+        jitted: Callable[..., Any]
+        if mesh is None:
+            jitted = jax.jit(fn)
+        else:
+            jitted = sharding.sharded(
+                fn, mesh, sharding.PER_HEAD if per_head else sharding.REPLICATED
+            )
         return jax.tree_util.tree_map(sharding.to_host, jitted(*args))
 
-    full_eig = compute(circuits.ov_eigenvalues, model)
+    full_eig = compute(circuits.ov_eigenvalues, model, per_head=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         full_copy = full_eig.sum(-1).real / np.abs(full_eig).sum(-1)
-    ov_copy = compute(lambda m: circuits.copying_scores(m, full=False), model)
+    ov_copy = compute(lambda m: circuits.copying_scores(m, full=False), model, per_head=True)
     tick("copying scores")
 
     composition: dict[str, np.ndarray] = {}
@@ -216,7 +223,9 @@ def analyse(
     tick("SVD interpreter")
 
     n_pos = min(POSITIONS_SHOWN, c.n_ctx)
-    positional = compute(lambda m: circuits.positional_qk_circuit(m)[..., :n_pos, :n_pos].AB, model)
+    positional = compute(
+        lambda m: circuits.positional_qk_circuit(m)[..., :n_pos, :n_pos].AB, model, per_head=True
+    )
     n_all = c.n_layers * c.n_heads
     shown = tuple(divmod(i, c.n_heads) for i in range(n_all)) if n_all <= 8 else chosen
     tick("positional QK")

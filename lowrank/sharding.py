@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -26,10 +27,14 @@ from lowrank.factored import FactoredMatrix
 from lowrank.models import TransformerModel, place_params
 
 LAYERS, HEADS = "layers", "heads"
+PER_HEAD = P(LAYERS, HEADS)  # [L, H, ...] split over the (layers, heads) mesh
+REPLICATED = P()
 
 __all__ = [
     "HEADS",
     "LAYERS",
+    "PER_HEAD",
+    "REPLICATED",
     "composition_scores",
     "make_mesh",
     "param_sharding",
@@ -109,30 +114,29 @@ def sharded_place(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
     return place
 
 
-def _head_spec(leaf: Any, n_layers: int, n_heads: int) -> P:
-    shape = getattr(leaf, "shape", ())
-    return P(LAYERS, HEADS) if tuple(shape[:2]) == (n_layers, n_heads) else P()
+def sharded(fn: Callable[..., Any], mesh: Mesh, out_specs: Any) -> Callable[..., Any]:
+    """``jax.jit(fn)`` with its outputs placed by ``out_specs`` on ``mesh``.
 
-
-def sharded(fn: Callable[..., Any], mesh: Mesh, n_layers: int, n_heads: int) -> Callable[..., Any]:
-    """``jax.jit(fn)`` whose outputs with leading ``[L, H]`` axes stay split over the mesh
-    (others are replicated). Inputs keep the shardings they have (see :func:`shard_model`).
+    Args:
+        out_specs: a ``PartitionSpec`` for every output, or a pytree of them matching (a
+            prefix of) ``fn``'s outputs: :data:`PER_HEAD` keeps ``[L, H, ...]`` results split
+            where their heads live, :data:`REPLICATED` copies a result to every device. Inputs
+            keep the shardings they have (see :func:`shard_model`).
 
     On a multi-device CPU mesh the decompositions in ``fn`` take one matrix per LAPACK call
     (:func:`lowrank.linalg.lapack_one_matrix_at_a_time`), so concurrent devices cannot deadlock.
     """
     on_cpu = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     context = linalg.lapack_one_matrix_at_a_time if on_cpu else contextlib.nullcontext
+    out = jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, spec), out_specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
     def traced(*args: Any) -> Any:  # its own identity: no trace of ``fn`` made elsewhere is reused
         return fn(*args)
 
     @functools.wraps(fn)
     def run(*args: Any) -> Any:
-        shapes = jax.eval_shape(fn, *args)
-        out = jax.tree_util.tree_map(
-            lambda leaf: NamedSharding(mesh, _head_spec(leaf, n_layers, n_heads)), shapes
-        )
         with context():
             return jax.jit(traced, out_shardings=out)(*args)
 
@@ -142,13 +146,19 @@ def sharded(fn: Callable[..., Any], mesh: Mesh, n_layers: int, n_heads: int) -> 
 def composition_scores(model: TransformerModel, kind: circuits.CompositionKind, mesh: Mesh) -> Any:
     """:func:`lowrank.circuits.composition_scores` with the layer pairs split over all devices.
 
-    Each device computes its share of the (left layer, right layer) blocks; the ``[L, H, L, H]``
-    result is split over ``(layers, heads)`` on its left-head axes.
+    Each scan step's (left layer, right layer) pairs are split evenly over every device of the
+    mesh; the ``[L, H, L, H]`` result is split over ``(layers, heads)`` on its left-head axes.
     """
-    pairs = NamedSharding(mesh, P((LAYERS, HEADS)))
-    out = NamedSharding(mesh, P(LAYERS, HEADS))
-    fn = functools.partial(circuits.composition_scores, kind=kind, pair_sharding=pairs)
-    return jax.jit(fn, out_shardings=out)(model)
+    c = model.config
+    n_devices = mesh.devices.size
+    pairs = NamedSharding(mesh, P(None, (LAYERS, HEADS)))
+    schedule = circuits.composition_schedule(c.n_layers, c.n_heads, c.d_head, multiple=n_devices)
+
+    def split_pairs(model: TransformerModel) -> Any:
+        steps = jax.lax.with_sharding_constraint(tuple(map(jnp.asarray, schedule)), pairs)
+        return circuits.composition_scores(model, kind, schedule=steps)
+
+    return jax.jit(split_pairs, out_shardings=NamedSharding(mesh, PER_HEAD))(model)
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -182,3 +182,19 @@ def test_full_ov_circuit_is_factored_for_gpt2_xl(gpt2_xl):
     c = gpt2_xl.config
     out = jax.eval_shape(circuits.full_ov_circuit, gpt2_xl)
     assert out.shape == (c.n_layers, c.n_heads, c.d_vocab, c.d_vocab) and out.mdim == c.d_head
+
+
+@pytest.mark.parametrize("n_layers, multiple", [(2, 1), (12, 1), (12, 8), (48, 1), (48, 64)])
+def test_composition_schedule_covers_every_pair(n_layers, multiple):
+    left, right = circuits.composition_schedule(n_layers, 25, 64, multiple=multiple)
+    assert left.shape == right.shape and left.shape[1] % multiple == 0
+    n_pairs = n_layers * (n_layers - 1) // 2
+    pairs = list(zip(left.reshape(-1)[:n_pairs], right.reshape(-1)[:n_pairs], strict=True))
+    assert pairs == list(zip(*np.triu_indices(n_layers, k=1), strict=True))
+    assert left.size - n_pairs < left.shape[0] * multiple  # little padding
+
+
+def test_composition_scores_with_a_bad_schedule(model):
+    bad = (np.zeros((1, 2), np.int32), np.zeros((1, 2), np.int32))
+    with pytest.raises(ValueError, match="schedule must be two"):
+        circuits.composition_scores(model, "K", schedule=bad)

@@ -343,6 +343,171 @@ def test_grad_of_norm_wrt_factored_matrix():
     assert_rel_close(g.A, expected)
 
 
+# ------------------------------------------------------------ extreme scales
+# Factors scaled by 1e15 (1e-15) each make products of scale 1e30 (1e-30): representable in
+# float32, but beyond what jaxlib's geev (wrong above ~5e11, below ~1e-12) and squared entries
+# survive. assert_rel_close treats values below 1e-30 as zero: compare in units of the scale.
+def _float64(x):
+    x = np.asarray(x)
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def _rel_close_in_units(actual, expected, unit, what=""):
+    unit = np.float64(unit)
+    assert_rel_close(_float64(actual) / unit, _float64(expected) / unit, what=what)
+
+
+@pytest.mark.parametrize("scale", [1e15, 1e-15])
+def test_eigvals_and_eig_at_extreme_scales(scale):
+    A, B = random_factors(np.random.default_rng(30), (3,), 10, 4, 10)
+    A, B = A * np.float32(scale), B * np.float32(scale)
+    A[0] = 0  # a zero matrix still gives zeros
+    M = FactoredMatrix(A, B)
+    core = dense(B, A)  # the float64 m x m matrix whose eigenvalues are computed
+    expected = np.linalg.eigvals(core)
+    unit = scale**2
+    for transform in (lambda f: f, jax.jit):
+        w = transform(eigvals)(M)
+        _rel_close_in_units(match_multiset(w, expected), expected, unit, what="eigvals")
+        w, v = transform(eig)(M)
+        _rel_close_in_units(match_multiset(w, expected), expected, unit, what="eig")
+        np.testing.assert_array_equal(w[0], 0)
+        v64, w64 = _float64(v)[1:], _float64(w)[1:]
+        _rel_close_in_units(dense(A, B)[1:] @ v64, v64 * w64[..., None, :], unit, "A B v = w v")
+    # The pure-JAX solver (used off CPU) scales its input itself.
+    pure = lowrank.eigensolver.eigvals(jnp.asarray(core, jnp.float32))
+    _rel_close_in_units(match_multiset(pure, expected), expected, unit, what="pure-JAX solver")
+    x = np.random.default_rng(31).standard_normal((2, 6, 6)).astype(np.float32) * unit
+    expected = np.linalg.eigvals(x.astype(np.float64))
+    for fn in (eigvals, lambda x: eig(x)[0], jax.jit(eigvals)):
+        _rel_close_in_units(match_multiset(fn(x), expected), expected, unit, what="dense")
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e15, 1e-15, 1e-19])
+@pytest.mark.parametrize(("l", "m", "r"), [(10, 4, 8), (5, 12, 6)], ids=["gram", "product"])
+def test_norm_and_its_grad_at_extreme_scales(scale, l, m, r):
+    A, B = random_factors(np.random.default_rng(32), (3,), l, m, r)
+    A, B = A * np.float32(scale), B * np.float32(scale)
+    A[0] = 0  # norm 0, gradient 0 (a subgradient)
+    M = FactoredMatrix(A, B)
+    AB = dense(A, B)
+    expected = np.linalg.norm(AB, axis=(-2, -1))
+    info = np.finfo(np.float32)
+    assert np.all(expected[1:] > 10 * info.tiny) and np.all(expected < info.max)
+    # d||AB||/dA = (AB / ||AB||) B^T and d||AB||/dB = A^T (AB / ||AB||); 0 where AB = 0
+    unit = AB / np.where(expected > 0, expected, 1)[:, None, None]
+    A64, B64 = A.astype(np.float64), B.astype(np.float64)
+    grad_A, grad_B = unit @ np.swapaxes(B64, -1, -2), np.swapaxes(A64, -1, -2) @ unit
+    for transform in (lambda f: f, jax.jit):
+        _rel_close_in_units(transform(norm)(M), expected, scale**2, what="norm")
+        grad = transform(jax.grad(lambda M: jnp.sum(norm(M))))(M)
+        _rel_close_in_units(grad.A[1:], grad_A[1:], scale, what="grad A")
+        _rel_close_in_units(grad.B[1:], grad_B[1:], scale, what="grad B")
+        np.testing.assert_array_equal(grad.A[0], 0)
+        np.testing.assert_array_equal(grad.B[0], 0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_dense_norm_at_extreme_scales(scale):
+    x = np.random.default_rng(33).standard_normal((2, 7, 5)).astype(np.float32) * scale
+    x64 = x.astype(np.float64)
+    expected = np.linalg.norm(x64, axis=(-2, -1))
+    _rel_close_in_units(norm(x), expected, scale)
+    _rel_close_in_units(jax.jit(norm)(x), expected, scale)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(norm(x))))(jnp.asarray(x))
+    assert_rel_close(grad, x64 / expected[:, None, None])
+
+
+# ------------------------------------------------------- rank-deficient gradients
+def _ablated_heads():
+    """Three [12, 4] @ [4, 10] heads: A = 0 (a zero-ablated head), A of rank 2, generic."""
+    rng = np.random.default_rng(34)
+    A, B = random_factors(rng, (3,), 12, 4, 10)
+    A[0] = 0
+    A[1] = rng.standard_normal((12, 2)) @ rng.standard_normal((2, 4))
+    return A, B
+
+
+SVD_LOSSES = {
+    "svdvals": lambda A, B, w: jnp.sum(w * svdvals(FactoredMatrix(A, B))),
+    "svd": lambda A, B, w: jnp.sum(w * svd(FactoredMatrix(A, B))[1]),
+    "dense svdvals": lambda A, B, w: jnp.sum(
+        jnp.pad(w, (0, 6)) * svdvals(jnp.matmul(A, B, precision=jax.lax.Precision.HIGHEST))
+    ),
+}
+
+
+def _dense_weighted_svdvals(A, B, w):
+    return jnp.sum(w * jnp.linalg.svd(A @ B, compute_uv=False)[..., :4])
+
+
+@pytest.mark.parametrize("name", SVD_LOSSES)
+def test_svdvals_grads_are_finite_for_rank_deficient_factors(name):
+    """Gradients of weighted sums of singular values, where a Cholesky or QR of a singular
+    matrix used to make them NaN (and leak into every head of the batch)."""
+    A, B = _ablated_heads()
+    S64 = np.linalg.svd(dense(A, B), compute_uv=False)[:, :4]
+    # Head 2 is generic; in head 1 the weights [1, 0.5, 0, 0] avoid its two zero singular
+    # values (whose vectors, hence any weight on them, make the gradient a set: subgradients).
+    for weights, defined in (([1.0, 1.0, 1.0, 1.0], [2]), ([1.0, 0.5, 0.0, 0.0], [1, 2])):
+        w = np.asarray(weights, np.float32)
+        grads = jax.jit(jax.grad(SVD_LOSSES[name], (0, 1)))(A, B, w)
+        with jax.enable_x64(True):  # the dense float64 reference
+            ref = jax.grad(_dense_weighted_svdvals, (0, 1))(
+                *(jnp.asarray(x, jnp.float64) for x in (A, B, w))
+            )
+        for got, want, factor in zip(grads, ref, (B, A), strict=True):
+            got, want = np.asarray(got, np.float64), np.asarray(want)
+            assert np.all(np.isfinite(got)), name
+            for i in defined:
+                rtol = singular_vector_rtol(S64[i], int(np.count_nonzero(w)))
+                assert_rel_close(got[i], want[i], rtol, what=f"{name} head {i}")
+            # Every gradient is G B^T or A^T G with a subgradient ||G||_2 <= max(w) = 1.
+            bound = np.linalg.norm(factor.astype(np.float64), 2, axis=(-2, -1))
+            assert np.all(np.linalg.norm(got, 2, axis=(-2, -1)) <= bound * (1 + 1e-4))
+        np.testing.assert_array_equal(grads[1][0], 0)  # A^T G with A = 0
+
+
+def test_svd_vector_grads_are_finite_for_rank_deficient_factors():
+    A, B = _ablated_heads()
+    rng = np.random.default_rng(35)
+    cU, cV = rng.random((12, 4)).astype(np.float32), rng.random((4, 10)).astype(np.float32)
+
+    def loss(A, B):
+        U, S, Vh = svd(FactoredMatrix(A, B))
+        return jnp.sum(S) + jnp.sum(cU * U**2) + jnp.sum(cV * Vh**2)
+
+    for got in jax.jit(jax.grad(loss, (0, 1)))(A, B):
+        assert np.all(np.isfinite(got))
+
+
+@pytest.mark.parametrize(("l", "m", "r"), [(7, 3, 6), (4, 6, 5), (6, 6, 4)])
+def test_svd_grads_match_dense_autodiff(l, m, r):
+    """The factored SVD's derivative (vectors included) against autodiff through
+    ``jnp.linalg.svd(A @ B)`` and finite differences, on generic factors in float64."""
+    rng = np.random.default_rng(36)
+    k = min(l, m, r)
+    with jax.enable_x64(True):
+        A, B = (jnp.asarray(x) for x in random_factors(rng, (2,), l, m, r))
+        A, B = A.astype(jnp.float64), B.astype(jnp.float64)
+        cU, cS, cV = (jnp.asarray(rng.standard_normal(s)) for s in ((l, k), (k,), (k, r)))
+
+        def loss(U, S, Vh):  # invariant under the singular vectors' signs
+            return jnp.sum(cU * U**2) + jnp.sum(cS * S) + jnp.sum(cV * Vh**2)
+
+        def factored(A, B):
+            return loss(*svd(FactoredMatrix(A, B)))
+
+        def dense_loss(A, B):
+            U, S, Vh = jnp.linalg.svd(A @ B, full_matrices=False)
+            return loss(U[..., :k], S[..., :k], Vh[..., :k, :])
+
+        check_grads(factored, (A, B), order=1, modes=("rev", "fwd"), eps=1e-6, rtol=1e-6)
+        grads = jax.grad(factored, (0, 1))(A, B)
+        for got, want in zip(grads, jax.grad(dense_loss, (0, 1))(A, B), strict=True):
+            assert_rel_close(got, want, rtol=1e-10)
+
+
 # --------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("fn", [svd, svdvals, eigvals, eig, norm, trace])
 def test_bad_dense_inputs(fn):

@@ -89,7 +89,7 @@ HEAD_ANALYSES = {
 def test_per_head_analyses(model, sharded_model, mesh, name):
     fn = HEAD_ANALYSES[name]
     expected = jax.jit(fn)(model)
-    got = sharding.sharded(fn, mesh, 12, 12)(sharded_model)
+    got = sharding.sharded(fn, mesh, sharding.PER_HEAD)(sharded_model)
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("layers", "heads")), got.ndim)
     if jnp.iscomplexobj(got):  # eigenvalues of one head can come out in another order
         got, expected = jnp.sort_complex(got), jnp.sort_complex(expected)
@@ -110,7 +110,7 @@ def test_replicated_analyses(model, sharded_model, mesh):
         lambda m: interpret.embedding_spectra(m, jnp.arange(16), jnp.arange(64))["W_E + W_pos"],
     ):
         expected = jax.jit(fn)(model)
-        got = sharding.sharded(fn, mesh, 12, 12)(sharded_model)
+        got = sharding.sharded(fn, mesh, sharding.REPLICATED)(sharded_model)
         assert got.sharding.is_fully_replicated
         assert_rel_close(jnp.abs(got), jnp.abs(expected), rtol=1e-5)
 
@@ -207,8 +207,21 @@ def test_shard_factored(model, mesh):
     assert OV.A.sharding.spec == P("layers", "heads") and OV.B.sharding.spec == P("layers", "heads")
     np.testing.assert_array_equal(OV.A, model.OV.A)
     np.testing.assert_array_equal(OV.B, model.OV.B)
-    got = sharding.sharded(lowrank.norm, mesh, 12, 12)(OV)
+    got = sharding.sharded(lowrank.norm, mesh, sharding.PER_HEAD)(OV)
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("layers", "heads")), 2)
     assert_rel_close(got, jax.jit(lowrank.norm)(model.OV), rtol=1e-5)
     with pytest.raises(ValueError, match=r"needs factors \[L, H, \.\.\.\].*\(768, 64\)"):
         sharding.shard_factored(model.OV[0, 0], mesh)
+
+
+def test_output_specs_are_explicit(model, sharded_model, mesh):
+    # L == H == 12: an [L, L] result must not be taken for per-head [L, H] output.
+    def layer_by_layer_and_heads(m):
+        return jnp.ones((12, 12)) * m.W_E[0, 0], circuits.copying_scores(m, full=False)
+
+    square, per_head = sharding.sharded(
+        layer_by_layer_and_heads, mesh, (sharding.REPLICATED, sharding.PER_HEAD)
+    )(sharded_model)
+    assert square.sharding.is_fully_replicated
+    assert per_head.sharding.is_equivalent_to(NamedSharding(mesh, P("layers", "heads")), 2)
+    assert_rel_close(per_head, jax.jit(lambda m: circuits.copying_scores(m, full=False))(model))
