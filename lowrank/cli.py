@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,35 @@ def _one_line(err: BaseException) -> str:
     return text if type(err).__name__ in known else f"{type(err).__name__}: {text}"
 
 
+def _check_pod_options(args: argparse.Namespace) -> None:
+    """The multi-process options, checked before anything is joined or loaded."""
+    given = [
+        option
+        for option, value in (
+            ("--coordinator", args.coordinator),
+            ("--num-processes", args.num_processes),
+            ("--process-id", args.process_id),
+        )
+        if value is not None
+    ]
+    if given and not args.distributed:
+        raise _Exit(2, f"error: {', '.join(given)} need --distributed")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise _Exit(2, f"error: --num-processes must be at least 1, got {args.num_processes}")
+    if args.process_id is not None and not (
+        0 <= args.process_id < (args.num_processes or args.process_id + 1)
+    ):
+        raise _Exit(
+            2,
+            f"error: --process-id must be in [0, --num-processes), got {args.process_id} "
+            f"of {args.num_processes}",
+        )
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _Exit(2, f"error: --coordinator must be HOST:PORT, got {args.coordinator!r}")
+
+
 def _join_distributed(args: argparse.Namespace) -> None:
     import jax
 
@@ -126,14 +156,21 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         directory = resolve_checkpoint(args.model, allow_pickle=args.allow_pickle)
         if Path(directory).resolve() == Path(args.out).resolve():
             raise ValueError(f"MODEL and --out are the same folder {args.out!r}")
+        config = read_config(directory)
+        n_heads = config.n_layers * config.n_heads
+        if args.top_heads > n_heads:
+            raise _Exit(
+                2, f"error: --top-heads {args.top_heads} is more than the model's {n_heads} heads"
+            )
         if not args.distributed:
             return load_pretrained(directory, allow_pickle=args.allow_pickle), None
         from lowrank import sharding
 
-        config = read_config(directory)
         mesh = sharding.make_mesh(config.n_layers, config.n_heads)
         place = sharding.sharded_place(mesh)
         return load_pretrained(directory, allow_pickle=args.allow_pickle, place=place), mesh
+    except _Exit:
+        raise
     except Exception as err:  # a bad checkpoint can raise anything: report it, never a traceback
         raise _Exit(2, f"error: cannot load model {args.model!r}: {_one_line(err)}") from err
 
@@ -161,14 +198,16 @@ def _report(args: argparse.Namespace) -> int:
     from lowrank.report import (
         REPORT_FILE_NAMES,
         REPORT_FILE_SUFFIXES,
-        Progress,
         analyse,
         format_tables,
+        progress_bar,
+        provenance,
         write_files,
     )
 
     if args.top_heads < 1:
         raise _Exit(2, "error: --top-heads must be at least 1")
+    _check_pod_options(args)
     kinds = {"names": REPORT_FILE_NAMES, "suffixes": REPORT_FILE_SUFFIXES}
     try:  # before anything is computed or loaded (on process 0 again, once it is known)
         atomic_dir.check_target(args.out, **kinds)
@@ -184,10 +223,11 @@ def _report(args: argparse.Namespace) -> int:
                 folder = stack.enter_context(atomic_dir.staged(args.out, **kinds))
             except (atomic_dir.OutputDirError, OSError) as err:
                 raise _Exit(2, f"error: --out: {_one_line(err)}") from err
-        progress = None if args.quiet or not writer else Progress(total=8)
+        progress = progress_bar(8, enabled=writer and not args.quiet)
+        stack.callback(progress.close)  # before publishing (callbacks run last-in first-out)
         model, mesh = _load(args)
-        if progress:
-            progress.step("load model")
+        progress.set_description_str("load model")
+        progress.update()
         _check_finite(model, args.allow_nonfinite)
         results = analyse(
             model, name=args.model, top_heads=args.top_heads, mesh=mesh, progress=progress
@@ -195,7 +235,8 @@ def _report(args: argparse.Namespace) -> int:
         if folder is None:
             return 0
         try:
-            report = write_files(results, folder, progress=progress)
+            meta = provenance("python -m lowrank " + shlex.join(args.argv))
+            report = write_files(results, folder, meta=meta, progress=progress)
             stack.close()  # publish: the new report replaces the old one in one step
         except OSError as err:
             raise _Exit(
@@ -209,7 +250,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         if args.command == "report":
             return _report(args)

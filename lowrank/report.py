@@ -14,7 +14,6 @@ import html
 import json
 import math
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -32,14 +31,17 @@ if TYPE_CHECKING:
 __all__ = [
     "REPORT_FILE_NAMES",
     "REPORT_FILE_SUFFIXES",
+    "SCHEMA_PATH",
+    "SECTIONS",
     "InterpretedHead",
-    "Progress",
     "Results",
     "analyse",
     "dumps",
     "figures",
     "format_tables",
     "nonfinite_parameters",
+    "progress_bar",
+    "provenance",
     "to_json",
     "write_files",
     "write_html",
@@ -48,32 +50,29 @@ __all__ = [
 KINDS: tuple[circuits.CompositionKind, ...] = ("Q", "K", "V")
 POSITIONS_SHOWN = 64  # positional QK patterns are drawn over the first positions
 REPORT_JSON = "report.json"
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")  # describes report.json
 # What a report folder holds: an existing folder of only these may be replaced by a new report.
 REPORT_FILE_NAMES = frozenset({REPORT_JSON, "index.html"})
 REPORT_FILE_SUFFIXES = frozenset({".png"})
 
 
-class Progress:
-    """A one-line progress bar on a stream (a line per step when it is not a terminal)."""
+def progress_bar(total: int, *, enabled: bool = True, file: TextIO | None = None) -> Any:
+    """A ``tqdm`` bar of ``total`` steps on stderr; silent when it is not a terminal."""
+    from tqdm import tqdm
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 30) -> None:
-        self.total, self.done, self.width = total, 0, width
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
+    return tqdm(
+        total=total,
+        file=sys.stderr if file is None else file,
+        disable=None if enabled else True,  # None: off when the stream is not a terminal
+        unit="step",
+        bar_format="{l_bar}{bar:30}| {n_fmt}/{total_fmt} [{elapsed}]",
+    )
 
-    def step(self, label: str) -> None:
-        self.done += 1
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.perf_counter() - self.start
-        line = f"[{bar}] {self.done}/{self.total} {label} ({elapsed:.1f}s)"
-        if self.tty:
-            end = "\n" if self.done == self.total else ""
-            self.stream.write("\r\033[K" + line + end)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+
+def _step(bar: Any, label: str) -> None:
+    if bar is not None:
+        bar.set_description_str(label)
+        bar.update()
 
 
 def _labels(n_layers: int, n_heads: int) -> list[str]:
@@ -151,7 +150,7 @@ def analyse(
     top_heads: int = 3,
     top_tokens: int = 8,
     mesh: jax.sharding.Mesh | None = None,
-    progress: Progress | None = None,
+    progress: Any = None,
 ) -> Results:
     """Run every analysis of the report on ``model``; nothing is written.
 
@@ -165,7 +164,7 @@ def analyse(
     c = model.config
     if top_heads < 1:
         raise ValueError(f"analyse: top_heads must be at least 1, got {top_heads}")
-    tick: Callable[[str], None] = progress.step if progress is not None else (lambda _: None)
+    tick: Callable[[str], None] = functools.partial(_step, progress)
 
     def compute(fn: Callable[..., Any], *args: Any, per_head: bool = False) -> Any:
         """``fn(*args)`` jitted (over ``mesh``: ``[L, H, ...]`` results split where their heads
@@ -248,9 +247,61 @@ def analyse(
     )
 
 
+W_POS_VECTORS_SHOWN = 6  # top singular vectors of W_pos drawn over positions
+
+#: The report's sections: (key, heading, what it measures and how to read it).
+SECTIONS: tuple[tuple[str, str, str], ...] = (
+    (
+        "copying",
+        "Copying scores",
+        "Each head's full OV circuit W_E W_V W_O W_U maps the token a head attends to onto "
+        "the logits it raises. Its copying score, sum(eigenvalues) / sum(|eigenvalues|), is +1 "
+        "when every eigenvalue is positive (attending to a token raises that same token) and -1 "
+        "when the head suppresses what it attends to. The OV circuit W_V W_O alone acts on the "
+        "residual stream, not on tokens: its spectrum is that of W_O W_V, while the full "
+        "circuit's is that of W_O (W_U W_E) W_V. The two agree only where W_U W_E acts like a "
+        "positive multiple of the identity on the head's subspace, so a head that copies tokens "
+        "perfectly (+1.0 on the full circuit) can score negative on the OV circuit alone.",
+    ),
+    (
+        "composition",
+        "Composition between heads",
+        "How much an earlier head's output (its OV circuit L) feeds a later head's queries (Q), "
+        "keys (K) or values (V) (R: the later head's QK circuit, its transpose, or its OV "
+        "circuit): ||L R||_F / (||L||_F ||R||_F). Heads whose subspaces are unrelated score "
+        "about 1/sqrt(d_model), the random baseline marked on the colour bars (one scale for "
+        "all three). K-composition far above the baseline from a previous-token head into a "
+        "later head is the signature of an induction circuit.",
+    ),
+    (
+        "embeddings",
+        "Embeddings",
+        "Singular values of the token embedding W_E, the unembedding W_U, the positional "
+        "embedding W_pos and of every token + position sum. The effective rank counts the "
+        "singular values above 1% of the largest; the top singular vectors of W_pos show how "
+        "positions are encoded (smooth waves for learned sinusoid-like codes).",
+    ),
+    (
+        "interpretation",
+        "SVD interpreter",
+        "The top right singular vector of each most-copying head's OV circuit, read out through "
+        "the unembedding: the tokens whose logits the head's strongest output direction raises "
+        "(+) and lowers (-). For a copying head these are the tokens it copies.",
+    ),
+    (
+        "positional",
+        "Positional attention",
+        "W_pos W_Q W_K^T W_pos^T: the attention score a query at one position gives a key at "
+        "another from positional embeddings alone (query x key, causal part). A bright "
+        "sub-diagonal is a previous-token head. Each head is scaled by its own largest score.",
+    ),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class _FigureSpec:
     filename: str
+    section: str
     caption: str
     draw: Callable[[], Figure]
 
@@ -262,38 +313,45 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
     specs = [
         _FigureSpec(
             "copying_full_ov.png",
-            "Copying score of each head's full OV circuit: sum of eigenvalues / sum of "
-            "|eigenvalues|.",
+            "copying",
+            "Copying score of each head's full OV circuit W_E W_V W_O W_U.",
             lambda: plot.head_heatmap(
-                r.full_ov_copying, title="Full OV copying score (W_E W_V W_O W_U)"
+                r.full_ov_copying, title="Full OV circuit copying score (W_E W_V W_O W_U)"
             ),
         ),
         _FigureSpec(
             "copying_ov.png",
-            "Copying score of each head's OV circuit alone.",
-            lambda: plot.head_heatmap(r.ov_copying, title="OV copying score (W_V W_O)"),
+            "copying",
+            "Copying score of each head's OV circuit W_V W_O alone (see above for why it can "
+            "differ in sign).",
+            lambda: plot.head_heatmap(r.ov_copying, title="OV circuit copying score (W_V W_O)"),
         ),
     ]
+    if c.n_layers * c.n_heads <= 64:
+        specs.append(
+            _FigureSpec(
+                "eigenvalues_full_ov.png",
+                "copying",
+                "Eigenvalues of each head's full OV circuit in the complex plane "
+                "(red: positive real part, blue: negative).",
+                lambda: plot.eigenvalue_scatter(
+                    r.full_ov_eigenvalues, title="Full OV circuit eigenvalues per head"
+                ),
+            )
+        )
+    vmax = max(float(np.nanmax(r.composition[kind], initial=0.0)) for kind in KINDS) or 1.0
     for kind in KINDS:
         specs.append(
             _FigureSpec(
                 f"composition_{kind}.png",
-                f"{kind}-composition scores of every (earlier, later) head pair.",
+                "composition",
+                f"{kind}-composition of every (earlier, later) head pair.",
                 functools.partial(
                     plot.composition_heatmap,
                     r.composition[kind],
                     title=f"{kind}-composition",
                     baseline=r.baseline,
-                ),
-            )
-        )
-    if c.n_layers * c.n_heads <= 64:
-        specs.append(
-            _FigureSpec(
-                "eigenvalues_full_ov.png",
-                "Eigenvalues of each head's full OV circuit in the complex plane (blue: Re > 0).",
-                lambda: plot.eigenvalue_scatter(
-                    r.full_ov_eigenvalues, title="Full OV eigenvalues per head"
+                    vmax=vmax,
                 ),
             )
         )
@@ -301,6 +359,7 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
     specs += [
         _FigureSpec(
             "embedding_spectra.png",
+            "embeddings",
             "Singular values of W_E, W_U, W_pos and of token + position embeddings (log scale).",
             lambda: plot.singular_value_spectra(
                 r.embedding_spectra, title="Singular values of the embeddings"
@@ -308,15 +367,20 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
         ),
         _FigureSpec(
             "w_pos_singular_vectors.png",
+            "embeddings",
             "The top left singular vectors of the positional embedding, over positions.",
             lambda: plot.singular_vectors_over_positions(
-                r.w_pos_vectors, r.w_pos_singular_values, title="Top singular vectors of W_pos"
+                r.w_pos_vectors,
+                r.w_pos_singular_values,
+                k=W_POS_VECTORS_SHOWN,
+                title="Top singular vectors of W_pos",
             ),
         ),
         _FigureSpec(
             "positional_qk.png",
+            "positional",
             f"W_pos W_Q W_K^T W_pos^T over the first {r.positional_qk.shape[-1]} positions "
-            f"(query x key), {'every head' if every_head else 'the top heads'}.",
+            f"(query x key), {'every head' if every_head else 'the most-copying heads'}.",
             lambda: plot.positional_pattern(
                 r.positional_qk, heads=r.positional_heads, title="Positional QK scores"
             ),
@@ -334,11 +398,36 @@ def _label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
-def to_json(results: Results) -> dict[str, Any]:
-    """The report as a JSON-compatible dict; NaN and Inf become ``None`` (strict JSON)."""
+def provenance(command: str | None = None) -> dict[str, str | None]:
+    """Where a report comes from: versions, device, time (UTC) and the command line."""
+    import datetime
+
+    import lowrank
+
+    devices = jax.devices()
+    return {
+        "lowrank_version": lowrank.__version__,
+        "jax_version": jax.__version__,
+        "device": f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+    }
+
+
+def to_json(results: Results, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every number of the report (all that its tables and figures show) as a JSON-ready dict.
+
+    NaN and Inf become ``None`` (strict JSON). The layout is described by the JSON schema
+    ``report.schema.json`` shipped in the package (:data:`SCHEMA_PATH`).
+
+    Args:
+        meta: :func:`provenance` of the run (default: none recorded).
+    """
     r, c = results, results.config
+    k = min(W_POS_VECTORS_SHOWN, r.w_pos_vectors.shape[-1])
     report = {
         "model": r.model,
+        "meta": dict(meta or {}),
         "config": {
             "architecture": c.architecture,
             "n_layers": c.n_layers,
@@ -350,14 +439,21 @@ def to_json(results: Results) -> dict[str, Any]:
         },
         "heads": _labels(c.n_layers, c.n_heads),
         "copying_scores": {"full_ov": r.full_ov_copying.tolist(), "ov": r.ov_copying.tolist()},
+        "full_ov_eigenvalues": {
+            "real": r.full_ov_eigenvalues.real.tolist(),
+            "imag": r.full_ov_eigenvalues.imag.tolist(),
+        },
         "composition": {
             "baseline": r.baseline,
             "top_pairs": {kind: _top_pairs(r.composition[kind], r.baseline, 5) for kind in KINDS},
+            "scores": {kind: r.composition[kind].tolist() for kind in KINDS},
         },
+        "embedding_spectra": {name: v.tolist() for name, v in r.embedding_spectra.items()},
         "w_pos": {
             "singular_values": r.w_pos_singular_values.tolist(),
             "effective_rank": r.w_pos_effective_rank,
             "rel_threshold": 0.01,
+            "top_singular_vectors": r.w_pos_vectors[:, :k].T.tolist(),
         },
         "svd_interpreter": [
             {
@@ -369,7 +465,15 @@ def to_json(results: Results) -> dict[str, Any]:
             }
             for h in r.interpreted
         ],
-        "figures": {spec.filename: spec.caption for spec in _figure_specs(r)},
+        "positional_qk": {
+            "positions": int(r.positional_qk.shape[-1]),
+            "heads": [_label(layer, head) for layer, head in r.positional_heads],
+            "scores": [r.positional_qk[layer, head].tolist() for layer, head in r.positional_heads],
+        },
+        "figures": {
+            spec.filename: {"section": spec.section, "caption": spec.caption}
+            for spec in _figure_specs(r)
+        },
     }
     return _strict(report)
 
@@ -390,25 +494,33 @@ def dumps(report: dict[str, Any]) -> str:
     return json.dumps(_strict(report), indent=2, allow_nan=False)
 
 
-def write_files(results: Results, folder: str | Path, progress: Progress | None = None) -> dict:
+def write_files(
+    results: Results,
+    folder: str | Path,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
     """Write every figure, ``index.html`` and ``report.json`` (last) into ``folder``.
 
     ``folder`` should be fresh: :func:`lowrank.atomic_dir.staged` gives one that replaces the
     output folder only once everything is written.
 
+    Args:
+        meta: :func:`provenance` of the run, shown in the page's header and in the JSON.
+        progress: a :func:`progress_bar` to advance (two steps).
+
     Returns:
         The report dict (:func:`to_json`).
     """
     out = Path(folder)
-    report = to_json(results)
+    report = to_json(results, meta)
     for filename, (figure, _) in figures(results).items():
         figure.savefig(out / filename, dpi=110)
-    if progress is not None:
-        progress.step("figures")
+    _step(progress, "figures")
     write_html(report, out)
-    (out / REPORT_JSON).write_text(dumps(report))
-    if progress is not None:
-        progress.step("report.json + index.html")
+    (out / REPORT_JSON).write_text(dumps(report), encoding="utf-8")
+    _step(progress, "report.json + index.html")
     return report
 
 
@@ -459,27 +571,142 @@ def _quoted(tokens: list[str]) -> str:
     return " ".join(repr(t) for t in tokens)
 
 
-def write_html(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """``index.html`` showing the tables and every figure of the report."""
-    out = Path(out_dir)
-    tables = html.escape(format_tables(report))
-    images = "\n".join(
-        f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for name, caption in report["figures"].items()
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>lowrank report: {html.escape(report["model"])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
-pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}img{{max-width:100%}}
-figure{{margin:2em 0}}</style></head>
-<body><h1>lowrank report: {html.escape(report["model"])}</h1>
-<pre>{tables}</pre>
-{images}
-<p>Data: <a href="report.json">report.json</a></p>
-</body></html>
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d1d1f;
+background:#fafafa;line-height:1.45}
+header{background:#1d2b3a;color:#fff;padding:1.2em 2em}
+header h1{margin:0 0 .4em;font-size:1.6em}
+header dl{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:0;
+font-size:.9em}
+header dt{color:#a9bccf}header dd{margin:0;font-family:ui-monospace,monospace}
+nav{padding:.6em 2em;background:#eef2f6;font-size:.95em}nav a{margin-right:1.2em}
+main{padding:0 2em 2em;max-width:1600px}
+section{background:#fff;border:1px solid #e2e6ea;border-radius:8px;margin:1.5em 0;
+padding:.5em 1.5em 1.2em}
+section>p{max-width:75em;color:#333}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:1.2em;
+align-items:start}
+figure{margin:0}figure img{width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555;margin-top:.3em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #dde2e6;padding:.25em .6em;text-align:right}
+th{background:#f3f5f7}td.text{text-align:left;font-family:ui-monospace,monospace}
+.tables{display:flex;flex-wrap:wrap;gap:2em}
+footer{padding:1em 2em;color:#666;font-size:.85em}
 """
+
+
+def _cell(value: float | None, spec: str = ".3f") -> str:
+    return f"<td>{html.escape(_number(value, spec))}</td>"
+
+
+def _head_table(title: str, rows: list[list[float | None]]) -> str:
+    header = "".join(f"<th>H{h}</th>" for h in range(len(rows[0]) if rows else 0))
+    body = "".join(
+        f"<tr><th>L{layer}</th>{''.join(_cell(v) for v in row)}</tr>"
+        for layer, row in enumerate(rows)
+    )
+    return f"<table><caption>{html.escape(title)}</caption><tr><th></th>{header}</tr>{body}</table>"
+
+
+def _section_tables(key: str, report: dict[str, Any]) -> str:
+    if key == "copying":
+        scores = report["copying_scores"]
+        return (
+            '<div class="tables">'
+            + _head_table("Full OV circuit", scores["full_ov"])
+            + _head_table("OV circuit alone", scores["ov"])
+            + "</div>"
+        )
+    if key == "composition":
+        comp = report["composition"]
+        rows = "".join(
+            f"<tr><td class='text'>{kind}</td><td class='text'>{p['left']} &rarr; "
+            f"{p['right']}</td>{_cell(p['score'])}{_cell(p['x_baseline'], '.1f')}</tr>"
+            for kind, pairs in comp["top_pairs"].items()
+            for p in pairs
+        )
+        return (
+            f"<table><caption>Top pairs (random baseline {_number(comp['baseline'], '.3f')})"
+            "</caption><tr><th>kind</th><th>earlier &rarr; later head</th><th>score</th>"
+            f"<th>&times; baseline</th></tr>{rows}</table>"
+        )
+    if key == "embeddings":
+        w_pos = report["w_pos"]
+        rows = "".join(
+            f"<tr><td class='text'>{html.escape(name)}</td>{_cell(v[0] if v else None, '.3g')}"
+            f"<td>{len(v)}</td></tr>"
+            for name, v in report["embedding_spectra"].items()
+        )
+        return (
+            "<table><tr><th>matrix</th><th>largest singular value</th><th>count</th></tr>"
+            f"{rows}</table><p>W_pos effective rank (singular values above "
+            f"{w_pos['rel_threshold']:.0%} of the largest): <b>{w_pos['effective_rank']}</b> "
+            f"of {len(w_pos['singular_values'])}.</p>"
+        )
+    if key == "interpretation":
+        rows = "".join(
+            f"<tr><td class='text'>{e['head']}</td>{_cell(e['full_ov_copying_score'], '.2f')}"
+            f"{_cell(e['singular_value'], '.3g')}"
+            f"<td class='text'>{html.escape(_quoted(e['top_tokens']))}</td>"
+            f"<td class='text'>{html.escape(_quoted(e['top_tokens_negated']))}</td></tr>"
+            for e in report["svd_interpreter"]
+        )
+        return (
+            "<table><tr><th>head</th><th>copying</th><th>singular value</th>"
+            f"<th>+ tokens</th><th>&minus; tokens</th></tr>{rows}</table>"
+        )
+    return ""
+
+
+def write_html(report: dict[str, Any], out_dir: str | Path) -> Path:
+    """``index.html``: a header (model, versions, device, date, command), then one section per
+    analysis with what it measures, its tables and its figures. Self-contained: no scripts,
+    no network; the figures are the PNG files beside it."""
+    out = Path(out_dir)
+    cfg, meta = report["config"], report.get("meta", {})
+    facts = {
+        "model": report["model"],
+        "architecture": f"{cfg['architecture']}: {cfg['n_layers']} layers x {cfg['n_heads']} "
+        f"heads, d_model {cfg['d_model']}, d_head {cfg['d_head']}, d_vocab {cfg['d_vocab']}, "
+        f"n_ctx {cfg['n_ctx']}",
+        "lowrank": meta.get("lowrank_version"),
+        "jax": meta.get("jax_version"),
+        "device": meta.get("device"),
+        "date": meta.get("date"),
+        "command": meta.get("command"),
+    }
+    header = "".join(
+        f"<dt>{name}</dt><dd>{html.escape(str(value))}</dd>"
+        for name, value in facts.items()
+        if value is not None
+    )
+    nav, sections = [], []
+    for key, heading, explanation in SECTIONS:
+        images = "".join(
+            f'<figure><img src="{html.escape(name)}" alt="{html.escape(fig["caption"])}">'
+            f"<figcaption>{html.escape(fig['caption'])}</figcaption></figure>"
+            for name, fig in report["figures"].items()
+            if fig["section"] == key
+        )
+        nav.append(f'<a href="#{key}">{html.escape(heading)}</a>')
+        sections.append(
+            f'<section id="{key}"><h2>{html.escape(heading)}</h2>'
+            f"<p>{html.escape(explanation)}</p>{_section_tables(key, report)}"
+            + (f'<div class="grid">{images}</div>' if images else "")
+            + "</section>"
+        )
+    title = f"lowrank report: {report['model']}"
+    page = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<header><h1>{html.escape(title)}</h1><dl>{header}</dl></header>"
+        f"<nav>{''.join(nav)}</nav><main>{''.join(sections)}</main>"
+        '<footer>Every number shown here is in <a href="report.json">report.json</a> '
+        "(described by report.schema.json in the lowrank package).</footer>"
+        "</body></html>\n"
+    )
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return path

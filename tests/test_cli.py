@@ -18,7 +18,7 @@ from _reference import assert_rel_close
 from lowrank import circuits
 from lowrank.cli import main
 from lowrank.models import load_pretrained
-from lowrank.report import Progress
+from lowrank.report import progress_bar
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_report_prints_tables_and_writes_files(report_run):
     assert code == 0
     for heading in ("Copying scores, full OV circuit", "Top composition pairs", "W_pos effective"):
         assert heading in stdout
-    assert "8/8" in stderr  # the progress bar reached its end
+    assert stderr == ""  # no progress bar when stderr is not a terminal
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["n_layers"] == 3 and len(report["heads"]) == 12
     assert len(report["svd_interpreter"]) == 2
@@ -71,6 +71,10 @@ def test_wrong_model_path_is_a_one_line_error(tmp_path, capsys):
 def test_bad_top_heads(tmp_path, capsys):
     assert main(["report", "--top-heads", "0", "--out", str(tmp_path)]) == 2
     assert "--top-heads must be at least 1" in capsys.readouterr().err
+    # the embedded model has 8 heads: more is an error, not a silent clamp
+    assert main(["report", "--top-heads", "9", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--top-heads 9 is more than the model's 8 heads" in err and err.count("\n") == 1
 
 
 def test_help_documents_every_option():
@@ -88,13 +92,22 @@ def test_help_documents_every_option():
         assert option in sub.stdout
 
 
-def test_progress_bar_without_a_terminal():
-    stream = io.StringIO()
-    progress = Progress(total=2, stream=stream, width=4)
-    progress.step("one")
-    progress.step("two")
-    lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("[##..] 1/2 one") and lines[1].startswith("[####] 2/2 two")
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    for stream, shown in ((io.StringIO(), False), (_Terminal(), True)):
+        bar = progress_bar(2, file=stream)
+        for label in ("one", "two"):
+            bar.set_description_str(label)
+            bar.update()
+        bar.close()
+        assert ("2/2" in stream.getvalue()) == shown
+    quiet = _Terminal()
+    progress_bar(2, enabled=False, file=quiet).close()
+    assert quiet.getvalue() == ""
 
 
 # ------------------------------------------------------------------ hardening
@@ -398,3 +411,32 @@ def test_model_and_out_the_same_folder(gpt2_checkpoint, tmp_path):
     code, _, err = _run(["report", str(ckpt), "--out", str(ckpt), "--quiet"])
     assert code == 2 and err.count("\n") == 1
     assert (ckpt / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--num-processes", "2"], "--num-processes need --distributed"),
+        (["--distributed", "--num-processes", "0"], "--num-processes must be at least 1"),
+        (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id must be"),
+        (["--distributed", "--coordinator", "nohost"], "--coordinator must be HOST:PORT"),
+    ],
+)
+def test_bad_pod_options_are_one_line_before_loading(tmp_path, no_loading, options, message):
+    code, _, err = _run(["report", "--out", str(tmp_path / "out"), *options])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not _staging_left(tmp_path)
+
+
+def test_distributed_without_a_cluster_is_one_line(tmp_path):
+    # No coordinator given and none to detect (not a TPU pod, not SLURM): jax refuses at once.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "OMPI", "TPU"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "lowrank", "report", "--distributed", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: cannot join the distributed job")
+    assert result.stderr.count("\n") == 1

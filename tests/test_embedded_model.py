@@ -194,14 +194,14 @@ def test_metrics_json_matches_model(model, metrics, scores, heads):
 # CPU may compile different vector code, and 4000 AdamW steps amplify float rounding, so
 # weights then differ slightly; the tolerances allow that while still requiring the same
 # heads and the same circuit.
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~90 s on an idle 2-core machine, 4 minutes and more when loaded
 def test_retraining_reproduces_metrics(tmp_path, metrics):
     out = tmp_path / "induction-2l"
     command = metrics["command"].replace("DIR", str(out)).split()
     assert command[:3] == ["python", "-m", "lowrank.data.train_embedded"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [sys.executable, *command[1:], "--quiet"], check=True, cwd=tmp_path, env=env, timeout=900
-    )
+    subprocess.run([sys.executable, *command[1:], "--quiet"], check=True, cwd=tmp_path, env=env)
     new = json.loads((out / "metrics.json").read_text())
     for key in ("seed", "train", "prev_token_head", "command", "words_copied"):
         assert new[key] == metrics[key], key

@@ -51,3 +51,26 @@ def test_figures_render_to_png(name):
 def test_bad_shapes(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_no_text_is_clipped(name):
+    """Titles, labels and colour bars lie inside the canvas (after the layout has run)."""
+    fig = FIGURES[name]()
+    fig.savefig(io.BytesIO(), format="png", dpi=110)
+    box = fig.get_tightbbox()
+    width, height = fig.get_size_inches()
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, box
+
+
+def test_one_diverging_convention():
+    """Signed data use the same map, centred at 0 (red > 0 > blue) in every figure."""
+    heat = plot.head_heatmap(np.array([[0.5, -0.25]]), title="t")
+    comp = plot.composition_heatmap(rng.uniform(0, 1, (2, 2, 2, 2)), title="t", vmax=2.0)
+    pos = plot.positional_pattern(rng.standard_normal((1, 1, 4, 4)), heads=[(0, 0)], title="t")
+    for fig in (heat, comp, pos):
+        image = fig.axes[0].images[0]
+        assert image.get_cmap().name == plot.DIVERGING
+        low, high = image.get_clim()
+        assert low == -high
+    assert comp.axes[0].images[0].get_clim() == (-2.0, 2.0)  # a shared scale when asked

@@ -36,3 +36,15 @@ def test_examples_run(section, namespace):
     (code,) = BLOCKS[section]
     compile(code, f"README {section}", "exec")  # every line is valid Python, hub lines too
     exec(_runnable(code), dict(namespace))
+
+
+def test_ci_runs_the_readme_commands():
+    """``.ci/run`` installs exactly as the README says and runs exactly its test command."""
+    commands = re.search(r"```bash\n(.*?)```", README, re.S).group(1).splitlines()
+    install, test = (line.split("#")[0].strip() for line in commands[:2])
+    ci_lines = [
+        line.strip()
+        for line in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    ]
+    assert install.split(" && ")[0] in ci_lines
+    assert all(part in ci_lines for part in test.split(" && "))

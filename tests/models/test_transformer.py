@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from conftest import build_gpt2, flatten, hf_logits, hf_numpy_state_dict
 
 from lowrank.models import (
@@ -52,6 +51,8 @@ def test_processed_log_probs_match_hf(checkpoint, converted, tokens):
 
 
 def test_activations_match_hf(checkpoint, converted, tokens):
+    import torch
+
     config, params = converted[checkpoint.family]
     logits, acts = _forward(params, tokens, config=config, return_activations=True)
     with torch.no_grad():
@@ -142,6 +143,7 @@ def test_gpt2_variants_match_hf(tmp_path, tokens, overrides):
 
 
 def test_activation_functions_match_transformers():
+    import torch
     from transformers.activations import ACT2FN
 
     assert set(ACTIVATION_FNS) == set(ACTIVATIONS)

@@ -1,0 +1,113 @@
+"""The report: every number shown is in report.json (valid against the shipped schema), and
+index.html is a self-contained page with a header, sections, tables and every figure."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import jsonschema
+import numpy as np
+import pytest
+from _reference import assert_rel_close
+
+from lowrank import circuits, interpret, report
+from lowrank.models import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pretrained()
+
+
+@pytest.fixture(scope="module")
+def written(model, tmp_path_factory):
+    results = report.analyse(model, name="induction-2l", top_heads=2)
+    out = tmp_path_factory.mktemp("report")
+    meta = report.provenance("python -m lowrank report --out x")
+    data = report.write_files(results, out, meta=meta)
+    return results, data, out
+
+
+def test_report_json_follows_its_schema(written):
+    _, data, out = written
+    schema = json.loads(report.SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == data
+    jsonschema.validate(on_disk, schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_report_json_holds_every_number_shown(written, model):
+    results, data, _ = written
+    c = model.config
+    for kind in "QKV":
+        assert_rel_close(
+            data["composition"]["scores"][kind], circuits.composition_scores(model, kind)
+        )
+    eig = np.asarray(data["full_ov_eigenvalues"]["real"]) + 1j * np.asarray(
+        data["full_ov_eigenvalues"]["imag"]
+    )
+    assert eig.shape == (c.n_layers, c.n_heads, c.d_head)
+    assert_rel_close(eig.sum(-1).real / np.abs(eig).sum(-1), data["copying_scores"]["full_ov"])
+    spectra = interpret.embedding_spectra(model)
+    for name, values in spectra.items():
+        assert_rel_close(data["embedding_spectra"][name], values, what=name)
+    drawn = data["positional_qk"]
+    assert len(drawn["heads"]) == len(drawn["scores"]) == c.n_layers * c.n_heads  # 8: all drawn
+    full = np.asarray(circuits.positional_qk_circuit(model).AB)
+    n = drawn["positions"]
+    assert_rel_close(drawn["scores"][5], full[1, 1, :n, :n])
+    vectors = np.asarray(data["w_pos"]["top_singular_vectors"])
+    assert vectors.shape == (6, c.n_ctx)
+    # every figure is listed with a section of the page
+    assert {f["section"] for f in data["figures"].values()} <= {s[0] for s in report.SECTIONS}
+
+
+def test_strict_json_turns_nan_into_null():
+    text = report.dumps({"a": [1.0, float("nan")], "b": {"c": float("inf")}})
+    assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_page_is_self_contained_with_header_sections_tables_and_figures(written):
+    _, data, out = written
+    page = (out / "index.html").read_text()
+    for fact in ("induction-2l", "GPT2LMHeadModel", "0.1.0", "jax", "cpu", "UTC"):
+        assert fact in page, fact
+    assert "python -m lowrank report --out x" in page
+    for key, heading, _ in report.SECTIONS:
+        assert f'id="{key}"' in page and f"<h2>{heading}</h2>" in page
+    assert page.count("<table") >= 5
+    assert "<pre>" not in page
+    for name in data["figures"]:
+        assert f'src="{name}"' in page and (out / name).is_file()
+    # no scripts, no fonts or styles from the network
+    assert "<script" not in page
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt: chromium)")
+def test_page_renders_in_headless_chromium(written, tmp_path):
+    _, _, out = written
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1400,2000",
+            f"--screenshot={shot}",
+            (out / "index.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (2000, 1400)
+    assert pixels[:80].mean() < 0.4  # the dark header band
+    assert pixels.std() > 0.1  # content, not a blank page
