@@ -24,6 +24,7 @@ import numpy as np
 
 from lowrank import circuits, interpret, linalg, sharding
 from lowrank.models import ModelConfig, TransformerModel
+from lowrank.models._common import dotted_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -140,7 +141,7 @@ def nonfinite_parameters(model: TransformerModel) -> list[str]:
     """Names of the parameters holding NaN or Inf (dotted paths of ``model.params``)."""
     finite = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.isfinite(x).all(), p))
     flags = jax.tree_util.tree_flatten_with_path(finite(model.params))[0]
-    return [".".join(str(key.key) for key in path) for path, ok in flags if not bool(ok)]
+    return [dotted_path(path) for path, ok in flags if not bool(ok)]
 
 
 def analyse(

@@ -61,10 +61,10 @@ def test_files_and_config():
 
 
 def test_loads_offline_without_the_hub(monkeypatch):
-    from lowrank.models import loading
+    from lowrank.models import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(loading, "_download", lambda *a, **k: pytest.fail("hub was used"))
+    monkeypatch.setattr(hub, "_download", lambda *a, **k: pytest.fail("hub was used"))
     model = load_pretrained(EMBEDDED_MODEL)
     c = model.config
     assert (c.n_layers, c.n_heads, c.d_vocab, c.n_ctx) == (2, 4, len(te.VOCAB), 48)

@@ -24,22 +24,23 @@ Example::
 """
 
 from lowrank.models._common import CheckpointError, Params
+from lowrank.models.checkpoint import StateDict, open_state_dict
 from lowrank.models.config import ModelConfig, config_from_hf
 from lowrank.models.export import gpt2_config_dict, gpt2_state_dict, save_pretrained
 from lowrank.models.gpt2 import convert_gpt2_state_dict, gpt2_state_dict_shapes
 from lowrank.models.gpt_neo import convert_gpt_neo_state_dict, gpt_neo_state_dict_shapes
-from lowrank.models.loading import (
+from lowrank.models.hub import (
     EMBEDDED_MODEL,
-    StateDict,
     available_locally,
-    convert_state_dict,
     embedded_model_path,
+    resolve_checkpoint,
+)
+from lowrank.models.loading import (
+    convert_state_dict,
     load_pretrained,
     load_tokenizer,
-    open_state_dict,
     place_params,
     read_config,
-    resolve_checkpoint,
 )
 from lowrank.models.model import TransformerModel
 from lowrank.models.processing import (

@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank.models._common import Params
+from lowrank.models._common import LN_PATHS, Params, lookup
 from lowrank.models.config import ModelConfig
 from lowrank.models.gpt2 import gpt2_state_dict_shapes
 
@@ -31,23 +31,18 @@ __all__ = ["gpt2_config_dict", "gpt2_state_dict", "save_pretrained"]
 _PREFIX = "transformer."
 _GPT2_EOS = 50256  # GPT2Config's default bos_token_id / eos_token_id
 
-# Leaves that processing with fold_ln removes.
-_LN_LEAVES = ("blocks.ln1", "blocks.ln2", "ln_final")
-
 
 def _leaf(params: Params, path: str) -> np.ndarray:
-    node: Any = params
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            if path.startswith(_LN_LEAVES):
-                raise ValueError(
-                    f"gpt2_state_dict: params has no {path!r}: the tree has folded LayerNorms. "
-                    "GPT-2 checkpoints hold LayerNorm weights, so export an unprocessed tree "
-                    "(load_pretrained(..., fold_ln=False, center_writing_weights=False, "
-                    "center_unembed=False, fold_value_biases=False))"
-                )
-            raise ValueError(f"gpt2_state_dict: params has no {path!r}")
-        node = node[key]
+    node = lookup(params, path)
+    if node is None:
+        if path.startswith(LN_PATHS):
+            raise ValueError(
+                f"gpt2_state_dict: params has no {path!r}: the tree has folded LayerNorms. "
+                "GPT-2 checkpoints hold LayerNorm weights, so export an unprocessed tree "
+                "(load_pretrained(..., fold_ln=False, center_writing_weights=False, "
+                "center_unembed=False, fold_value_biases=False))"
+            )
+        raise ValueError(f"gpt2_state_dict: params has no {path!r}")
     arr = np.asarray(node)
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != jnp.bfloat16:
         raise TypeError(f"gpt2_state_dict: {path!r} must be a float array, got {arr.dtype}")

@@ -1,4 +1,4 @@
-"""GPT-Neo: Hugging Face state dict -> canonical layer-stacked parameter tree.
+"""GPT-Neo: the Hugging Face layout of its state dict, and the converter over it.
 
 HF GPT-Neo uses ``nn.Linear`` weights ``[out, in]``; its query, key and value projections
 have no biases (the tree gets zero ``b_Q``, ``b_K``, ``b_V``) and the unembedding has no
@@ -9,47 +9,89 @@ when the embeddings are tied; the mask buffers ``attn.attention.bias`` and
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from lowrank.models._common import Params, StateDictReader, stack_layers, transpose, zeros
+from lowrank.models._common import Params
 from lowrank.models.config import ModelConfig
+from lowrank.models.conversion import convert
+from lowrank.models.layout import (
+    Layout,
+    Tensor,
+    o_from_linear,
+    qkv_from_linear,
+    state_dict_shapes,
+    transpose,
+)
 
-__all__ = ["convert_gpt_neo_state_dict", "gpt_neo_state_dict_shapes"]
+__all__ = ["GPT_NEO_LAYOUT", "convert_gpt_neo_state_dict", "gpt_neo_state_dict_shapes"]
 
-_IGNORED = re.compile(r"h\.\d+\.attn\.attention\.(bias|masked_bias)")
+_ATTN = "h.{i}.attn.attention."
+_PER_HEAD_BIAS = ("n_layers", "n_heads", "d_head")
+
+GPT_NEO_LAYOUT = Layout(
+    name="GPT-Neo",
+    family="gpt_neo",
+    prefixes=("transformer.",),
+    ignored=r"h\.\d+\.attn\.attention\.(bias|masked_bias)",
+    tensors=(
+        Tensor("wte.weight", ("d_vocab", "d_model"), "embed.W_E"),
+        Tensor("wpe.weight", ("n_ctx", "d_model"), "pos_embed.W_pos"),
+        Tensor("h.{i}.ln_1.weight", ("d_model",), "blocks.ln1.w"),
+        Tensor("h.{i}.ln_1.bias", ("d_model",), "blocks.ln1.b"),
+        Tensor(
+            _ATTN + "q_proj.weight",
+            ("n_heads*d_head", "d_model"),
+            "blocks.attn.W_Q",
+            qkv_from_linear,
+        ),
+        Tensor(
+            _ATTN + "k_proj.weight",
+            ("n_heads*d_head", "d_model"),
+            "blocks.attn.W_K",
+            qkv_from_linear,
+        ),
+        Tensor(
+            _ATTN + "v_proj.weight",
+            ("n_heads*d_head", "d_model"),
+            "blocks.attn.W_V",
+            qkv_from_linear,
+        ),
+        Tensor(
+            _ATTN + "out_proj.weight",
+            ("d_model", "n_heads*d_head"),
+            "blocks.attn.W_O",
+            o_from_linear,
+        ),
+        Tensor(_ATTN + "out_proj.bias", ("d_model",), "blocks.attn.b_O"),
+        Tensor("h.{i}.ln_2.weight", ("d_model",), "blocks.ln2.w"),
+        Tensor("h.{i}.ln_2.bias", ("d_model",), "blocks.ln2.b"),
+        Tensor("h.{i}.mlp.c_fc.weight", ("d_mlp", "d_model"), "blocks.mlp.W_in", transpose),
+        Tensor("h.{i}.mlp.c_fc.bias", ("d_mlp",), "blocks.mlp.b_in"),
+        Tensor("h.{i}.mlp.c_proj.weight", ("d_model", "d_mlp"), "blocks.mlp.W_out", transpose),
+        Tensor("h.{i}.mlp.c_proj.bias", ("d_model",), "blocks.mlp.b_out"),
+        Tensor("ln_f.weight", ("d_model",), "ln_final.w"),
+        Tensor("ln_f.bias", ("d_model",), "ln_final.b"),
+        Tensor(
+            "lm_head.weight",
+            ("d_vocab", "d_model"),
+            "unembed.W_U",
+            transpose,
+            if_missing="wte.weight",
+        ),
+    ),
+    zeros={
+        "blocks.attn.b_Q": _PER_HEAD_BIAS,
+        "blocks.attn.b_K": _PER_HEAD_BIAS,
+        "blocks.attn.b_V": _PER_HEAD_BIAS,
+        "unembed.b_U": ("d_vocab",),
+    },
+)
 
 
 def gpt_neo_state_dict_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF key (without ``transformer.``) -> shape, for every required GPT-Neo tensor."""
-    d, m, hd = config.d_model, config.d_mlp, config.n_heads * config.d_head
-    shapes: dict[str, tuple[int, ...]] = {
-        "wte.weight": (config.d_vocab, d),
-        "wpe.weight": (config.n_ctx, d),
-    }
-    for layer in range(config.n_layers):
-        p = f"h.{layer}."
-        shapes.update(
-            {
-                p + "ln_1.weight": (d,),
-                p + "ln_1.bias": (d,),
-                p + "attn.attention.q_proj.weight": (hd, d),
-                p + "attn.attention.k_proj.weight": (hd, d),
-                p + "attn.attention.v_proj.weight": (hd, d),
-                p + "attn.attention.out_proj.weight": (d, hd),
-                p + "attn.attention.out_proj.bias": (d,),
-                p + "ln_2.weight": (d,),
-                p + "ln_2.bias": (d,),
-                p + "mlp.c_fc.weight": (m, d),
-                p + "mlp.c_fc.bias": (m,),
-                p + "mlp.c_proj.weight": (d, m),
-                p + "mlp.c_proj.bias": (d,),
-            }
-        )
-    shapes["ln_f.weight"] = (d,)
-    shapes["ln_f.bias"] = (d,)
-    return shapes
+    return state_dict_shapes(GPT_NEO_LAYOUT, config)
 
 
 def convert_gpt_neo_state_dict(
@@ -57,73 +99,6 @@ def convert_gpt_neo_state_dict(
 ) -> Params:
     """Convert a GPT-Neo state dict (arrays) into the canonical tree.
 
-    Args:
-        state_dict: HF keys -> NumPy (or jax / abstract) arrays, read one key at a time.
-        config: the model's :class:`ModelConfig` (family ``"gpt_neo"``).
-        dtype: cast every tensor to this dtype (``None`` keeps the stored dtype).
-
-    Raises:
-        CheckpointError: an unexpected, missing or mis-shaped key.
+    See :func:`lowrank.models.conversion.convert`; ``config`` must be a GPT-Neo config.
     """
-    if config.family != "gpt_neo":
-        raise ValueError(
-            f"convert_gpt_neo_state_dict: config is for {config.architecture}, not GPT-Neo"
-        )
-    L, H, d, dh = config.n_layers, config.n_heads, config.d_model, config.d_head
-    ck = StateDictReader(
-        state_dict,
-        expected=gpt_neo_state_dict_shapes(config),
-        optional={"lm_head.weight": (config.d_vocab, d)},
-        ignored=_IGNORED,
-        family="GPT-Neo",
-        dtype=dtype,
-    )
-
-    def get(layer: int, name: str) -> Any:
-        return ck.get(f"h.{layer}.{name}")
-
-    def qkv_weight(proj: str) -> Any:
-        # [H * dh, d] (out, in) -> [H, d, dh]
-        return stack_layers(
-            L,
-            lambda l: get(l, f"attn.attention.{proj}.weight").reshape(H, dh, d).transpose(0, 2, 1),
-        )
-
-    def per_layer(name: str) -> Any:
-        return stack_layers(L, lambda l: get(l, name))
-
-    def per_layer_t(name: str) -> Any:
-        return stack_layers(L, lambda l: transpose(get(l, name)))
-
-    W_E = ck.get("wte.weight")
-    W_U = transpose(ck.get("lm_head.weight") if ck.has("lm_head.weight") else W_E)
-    return {
-        "embed": {"W_E": W_E},
-        "pos_embed": {"W_pos": ck.get("wpe.weight")},
-        "blocks": {
-            "ln1": {"w": per_layer("ln_1.weight"), "b": per_layer("ln_1.bias")},
-            "attn": {
-                "W_Q": qkv_weight("q_proj"),
-                "W_K": qkv_weight("k_proj"),
-                "W_V": qkv_weight("v_proj"),
-                "b_Q": zeros((L, H, dh), like=W_E),
-                "b_K": zeros((L, H, dh), like=W_E),
-                "b_V": zeros((L, H, dh), like=W_E),
-                # [d, H * dh] (out, in) -> [H, dh, d]
-                "W_O": stack_layers(
-                    L,
-                    lambda l: transpose(get(l, "attn.attention.out_proj.weight")).reshape(H, dh, d),
-                ),
-                "b_O": per_layer("attn.attention.out_proj.bias"),
-            },
-            "ln2": {"w": per_layer("ln_2.weight"), "b": per_layer("ln_2.bias")},
-            "mlp": {
-                "W_in": per_layer_t("mlp.c_fc.weight"),
-                "b_in": per_layer("mlp.c_fc.bias"),
-                "W_out": per_layer_t("mlp.c_proj.weight"),
-                "b_out": per_layer("mlp.c_proj.bias"),
-            },
-        },
-        "ln_final": {"w": ck.get("ln_f.weight"), "b": ck.get("ln_f.bias")},
-        "unembed": {"W_U": W_U, "b_U": zeros((config.d_vocab,), like=W_E)},
-    }
+    return convert(GPT_NEO_LAYOUT, state_dict, config, dtype=dtype)

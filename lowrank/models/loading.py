@@ -3,9 +3,10 @@
 The steps are separate public functions, so each can be replaced (a later sharded loader
 places tensors straight from the memory-mapped files):
 
-1. :func:`resolve_checkpoint` -- local directory, or a snapshot from the Hugging Face hub.
-2. :func:`open_state_dict` -- a lazy mapping over ``model.safetensors`` (or its shards),
-   read through memory mapping one tensor at a time.
+1. :func:`~lowrank.models.hub.resolve_checkpoint` -- local directory, or a snapshot from the
+   Hugging Face hub.
+2. :func:`~lowrank.models.checkpoint.open_state_dict` -- a lazy mapping over
+   ``model.safetensors`` (or its shards), read through memory mapping one tensor at a time.
 3. :func:`convert_state_dict` -- HF tensors -> canonical NumPy tree (per family).
 4. :func:`~lowrank.models.processing.process_params` -- fold/centre, on the host.
 5. :func:`place_params` -- cast and put each leaf on a device (a ``place`` hook per leaf).
@@ -18,539 +19,44 @@ it is on the device.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank.models._common import CheckpointError, Params
-from lowrank.models.config import ModelConfig, _got, config_from_hf
-from lowrank.models.gpt2 import convert_gpt2_state_dict
-from lowrank.models.gpt_neo import convert_gpt_neo_state_dict
+from lowrank.models._common import CheckpointError, Params, dotted_path
+from lowrank.models.checkpoint import CONFIG_FILE, TOKENIZER_FILES, open_state_dict
+from lowrank.models.config import ModelConfig, config_from_hf
+from lowrank.models.conversion import convert
+from lowrank.models.gpt2 import GPT2_LAYOUT
+from lowrank.models.gpt_neo import GPT_NEO_LAYOUT
+from lowrank.models.hub import (
+    EMBEDDED_MODEL,
+    resolve_checkpoint,
+)
 from lowrank.models.model import TransformerModel
 from lowrank.models.processing import process_params
 
 __all__ = [
-    "EMBEDDED_MODEL",
-    "available_locally",
-    "CheckpointError",
-    "StateDict",
     "convert_state_dict",
-    "embedded_model_path",
     "load_pretrained",
     "load_tokenizer",
-    "open_state_dict",
     "place_params",
     "read_config",
-    "resolve_checkpoint",
 ]
 
-#: Name of the small model shipped in ``lowrank/data`` (a 2-layer GPT-2 with an induction
-#: circuit, see ``lowrank/data/induction-2l/README.md``); ``load_pretrained()`` loads it.
-EMBEDDED_MODEL = "induction-2l"
-
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_FILE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-)
-
-# Dtypes NumPy has no name for: safetensors' NumPy reader cannot return them, so they are
-# read straight from a memory map with ml_dtypes' types (which jax.numpy re-exports).
-_MEMMAP_DTYPES: dict[str, Any] = {
-    "BF16": jnp.bfloat16,
-    "F8_E4M3": jnp.float8_e4m3fn,
-    "F8_E5M2": jnp.float8_e5m2,
-}
+#: The layout of each :attr:`ModelConfig.family`.
+LAYOUTS = {layout.family: layout for layout in (GPT2_LAYOUT, GPT_NEO_LAYOUT)}
 
 #: ``place`` hook: (dotted leaf path, host array) -> placed array.
 PlaceFn = Callable[[str, np.ndarray], Any]
 
 
-# ----------------------------------------------------------------------- readers
-class _SafetensorsFile:
-    """One memory-mapped safetensors file."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self.path = path
-        self._header: dict[str, Any] | None = None
-        try:
-            self._handle: Any = safe_open(str(path), framework="numpy")
-            self.keys = list(self._handle.keys())
-        except Exception as err:
-            raise CheckpointError(
-                f"could not read safetensors file {str(path)!r}: {err}. The file is corrupt "
-                "or truncated; delete it and download or save it again"
-            ) from err
-
-    def get(self, key: str) -> np.ndarray:
-        try:
-            dtype = self._handle.get_slice(key).get_dtype()
-            if dtype in _MEMMAP_DTYPES:
-                return self._memmap(key, _MEMMAP_DTYPES[dtype])
-            return np.asarray(self._handle.get_tensor(key))
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(
-                f"could not read tensor {key!r} from safetensors file {str(self.path)!r}: {err}"
-            ) from err
-
-    def _memmap(self, key: str, dtype: Any) -> np.ndarray:
-        if self._header is None:
-            with open(self.path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._header = json.loads(f.read(n))
-            self._data_start = 8 + n
-        info = self._header[key]
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise CheckpointError(
-                f"safetensors file {str(self.path)!r}: tensor {key!r} has inconsistent offsets"
-            )
-        return np.memmap(
-            self.path, dtype=dtype, mode="r", offset=self._data_start + start, shape=shape
-        )
-
-    def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None and hasattr(handle, "__exit__"):
-            handle.__exit__(None, None, None)
-
-
-class _TorchFile:
-    """One ``pytorch_model.bin`` shard, unpickled with ``torch.load(weights_only=True)``."""
-
-    def __init__(self, path: Path) -> None:
-        import torch
-
-        self.path = path
-        try:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"could not read PyTorch file {str(path)!r}: {err}") from err
-        if not isinstance(sd, Mapping):
-            raise CheckpointError(
-                f"PyTorch file {str(path)!r} holds a {type(sd).__name__}, not a state dict"
-            )
-        self._sd: Any = sd
-        self.keys = list(sd.keys())
-
-    def get(self, key: str) -> np.ndarray:
-        import torch
-
-        t = self._sd[key]
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return np.asarray(t.detach().numpy())
-
-    def close(self) -> None:
-        self._sd = {}
-
-
-class StateDict(Mapping[str, np.ndarray]):
-    """Read-only mapping from HF keys to NumPy arrays, each read on access.
-
-    Use as a context manager (or call :meth:`close`) to release the file handles.
-    """
-
-    def __init__(self, files: list[Any], key_to_file: dict[str, Any]) -> None:
-        self._files = files
-        self._key_to_file = key_to_file
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._key_to_file[key].get(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._key_to_file)
-
-    def __len__(self) -> int:
-        return len(self._key_to_file)
-
-    @property
-    def files(self) -> list[Path]:
-        return [f.path for f in self._files]
-
-    def close(self) -> None:
-        for f in self._files:
-            f.close()
-
-    def __enter__(self) -> StateDict:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def _read_index(path: Path) -> dict[str, str]:
-    """The ``weight_map`` of a shard index: tensor name -> shard file name."""
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        raise CheckpointError(
-            f"could not read shard index {str(path)!r}: {type(err).__name__}: {err}"
-        ) from err
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise _malformed_index(path, "no weight_map object")
-    for k, v in weight_map.items():
-        if not (k and isinstance(v, str) and v):
-            raise _malformed_index(path, f"entry {k!r}: {v!r}")
-    return weight_map
-
-
-def _malformed_index(path: Path, found: str) -> CheckpointError:
-    return CheckpointError(
-        f'malformed shard index {str(path)!r}: expected a non-empty "weight_map" object '
-        f"mapping tensor names to shard file names (non-empty strings); found {found}"
-    )
-
-
-def _allowed_roots(directory: Path) -> list[Path]:
-    """Where the files a shard index names may lie (after resolving symlinks).
-
-    The checkpoint directory; for a Hugging Face cache snapshot
-    (``models--org--name/snapshots/<commit>``), whose files are symlinks into
-    ``models--org--name/blobs``, that repository's blobs too.
-    """
-    root = directory.resolve()
-    roots = [root]
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-        roots.append(root.parent.parent / "blobs")
-    return roots
-
-
-def _shard_path(directory: Path, roots: list[Path], index: Path, name: str) -> Path:
-    """``directory / name``, if it resolves into ``roots`` (never says what is outside)."""
-    path = directory / name
-    try:
-        target = path.resolve()
-        inside = any(target.is_relative_to(root) for root in roots)
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
-    if not inside:
-        raise CheckpointError(
-            f"shard index {str(index)!r} names {name!r}, which is not a file inside the "
-            f"checkpoint directory {str(directory)!r}; shards must be named relative to it"
-        )
-    return path
-
-
-def _open_files(paths: list[Path], opener: Callable[[Path], Any]) -> list[Any]:
-    files = []
-    try:
-        for path in paths:
-            if not path.is_file():
-                raise CheckpointError(f"missing checkpoint file {str(path)!r}")
-            files.append(opener(path))
-    except BaseException:
-        for f in files:
-            f.close()
-        raise
-    return files
-
-
-def _sharded(directory: Path, index_name: str, opener: Callable[[Path], Any]) -> StateDict:
-    index = directory / index_name
-    weight_map = _read_index(index)
-    names = sorted(set(weight_map.values()))
-    roots = _allowed_roots(directory)
-    files = _open_files([_shard_path(directory, roots, index, n) for n in names], opener)
-    by_name = dict(zip(names, files, strict=True))
-    key_to_file = {}
-    for key, name in weight_map.items():
-        f = by_name[name]
-        if key not in f.keys:
-            for g in files:
-                g.close()
-            raise CheckpointError(
-                f"shard index {str(index)!r} lists tensor {key!r} in "
-                f"{name!r}, but that file does not hold it"
-            )
-        key_to_file[key] = f
-    return StateDict(files, key_to_file)
-
-
-def _single(path: Path, opener: Callable[[Path], Any]) -> StateDict:
-    f = opener(path)
-    return StateDict([f], {k: f for k in f.keys})
-
-
-def open_state_dict(directory: str | os.PathLike[str], *, allow_pickle: bool = False) -> StateDict:
-    """A lazy state dict over the weights in ``directory``.
-
-    Reads ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``
-    (memory-mapped). ``pytorch_model.bin`` (or its index) is used only when there are no
-    safetensors and ``allow_pickle=True``; it is read with ``torch.load(weights_only=True)``.
-
-    Raises:
-        CheckpointError: no weights, pickle weights without ``allow_pickle``, a missing
-            shard, or a corrupt file.
-    """
-    d = Path(directory).expanduser()
-    if not d.is_dir():
-        raise CheckpointError(f"open_state_dict: {str(d)!r} is not a directory")
-    if (d / SAFETENSORS_INDEX).is_file():
-        return _sharded(d, SAFETENSORS_INDEX, _SafetensorsFile)
-    if (d / SAFETENSORS_FILE).is_file():
-        return _single(d / SAFETENSORS_FILE, _SafetensorsFile)
-    pickled = [n for n in (PICKLE_INDEX, PICKLE_FILE) if (d / n).is_file()]
-    if pickled and not allow_pickle:
-        raise CheckpointError(
-            f"{str(d)!r} has only PyTorch pickle weights ({pickled[0]}), no model.safetensors. "
-            "Unpickling can run arbitrary code, so it is off by default: if you trust the "
-            "files, pass allow_pickle=True (command line: --allow-pickle; they are then read "
-            "with torch.load(weights_only=True)), or convert them to safetensors"
-        )
-    if PICKLE_INDEX in pickled:
-        return _sharded(d, PICKLE_INDEX, _TorchFile)
-    if PICKLE_FILE in pickled:
-        return _single(d / PICKLE_FILE, _TorchFile)
-    found = sorted(p.name for p in d.iterdir())
-    raise CheckpointError(
-        f"no weights in {str(d)!r}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} "
-        f"(or {PICKLE_FILE} with allow_pickle=True, command line --allow-pickle); "
-        f"the directory holds {found}"
-    )
-
-
-# ----------------------------------------------------------------------- hub
-_BAD_REVISION_CHARS = frozenset("\\~^:?*[")
-
-
-def _check_revision(revision: Any) -> None:
-    """``revision`` is ``None`` or a branch, tag or commit name safe to use as a cache path.
-
-    Git's ref-name rules, so that it can never leave the hub cache: no ``..``, no
-    component starting with ``.``, no leading, trailing or doubled ``/``, no whitespace,
-    control characters, backslashes or ``~^:?*[``. ``refs/pr/1`` is allowed.
-    """
-    if revision is None:
-        return
-    ok = (
-        isinstance(revision, str)
-        and 0 < len(revision) <= 255
-        and ".." not in revision
-        and not any(
-            c.isspace() or not c.isprintable() or c in _BAD_REVISION_CHARS for c in revision
-        )
-        and all(part and not part.startswith(".") for part in revision.split("/"))
-    )
-    if not ok:
-        raise ValueError(
-            "revision must be a branch or tag name (such as 'main', 'v1.0' or 'refs/pr/1') "
-            f"or a commit hash, got {_got(revision)}"
-        )
-
-
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~", "\\"))
-        or name.count("/") > 1
-        or (len(name) > 1 and name[1] == ":")
-        or name in (".", "..")
-    )
-
-
-def _hub_offline() -> bool:
-    import huggingface_hub.constants as hc
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return env in ("1", "ON", "YES", "TRUE") or bool(hc.HF_HUB_OFFLINE)
-
-
-def _hub_cache_dir() -> str:
-    """The hub cache, read from the environment now (huggingface_hub reads it at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    import huggingface_hub.constants as hc
-
-    return str(hc.HF_HUB_CACHE)
-
-
-def _hub_patterns(allow_pickle: bool) -> list[str]:
-    patterns = [CONFIG_FILE, "model*.safetensors", SAFETENSORS_INDEX, *TOKENIZER_FILES]
-    if allow_pickle:
-        patterns += ["pytorch_model*.bin", PICKLE_INDEX]
-    return patterns
-
-
-def _download(name: str, revision: str | None, cache_dir: str | None, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-
-    offline = _hub_offline()
-    cache = cache_dir or _hub_cache_dir()
-    local = "a local directory holding config.json and model.safetensors"
-    try:
-        path = snapshot_download(
-            repo_id=name,
-            revision=revision,
-            cache_dir=cache,
-            allow_patterns=_hub_patterns(allow_pickle),
-            local_files_only=offline,
-        )
-    except HFValidationError as err:
-        raise CheckpointError(
-            f"{name!r} is neither an existing local directory nor a valid Hugging Face hub id "
-            f"('name' or 'org/name'); pass the path of {local}"
-        ) from err
-    except RepositoryNotFoundError as err:
-        raise CheckpointError(
-            f"{name!r} is not a local directory and the Hugging Face hub has no repository "
-            f"of that name (or it is private: log in with `hf auth login`); pass the path "
-            f"of {local}"
-        ) from err
-    except Exception as err:
-        if offline:
-            raise CheckpointError(
-                f"{name!r} is not a local directory, and it is not in the Hugging Face cache "
-                f"({cache}) while the hub is offline (HF_HUB_OFFLINE is set). To fix: "
-                f"download it once with network access and HF_HUB_OFFLINE unset, e.g. "
-                f"`hf download {name} config.json model.safetensors` or by calling "
-                f"load_pretrained({name!r}) online; or pass the path of {local}"
-            ) from err
-        raise CheckpointError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{err}). {name!r} is not a local directory either. To fix: check the network "
-            f"connection and retry, or pass the path of {local}"
-        ) from err
-    return Path(path)
-
-
-def embedded_model_path() -> Path:
-    """The directory of the embedded model :data:`EMBEDDED_MODEL` inside the package."""
-    from importlib.resources import files
-
-    path = Path(str(files("lowrank") / "data" / EMBEDDED_MODEL))
-    if not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(
-            f"the embedded model {EMBEDDED_MODEL!r} is missing from this installation "
-            f"(expected {str(path)!r}); reinstall lowrank, or rebuild it with "
-            f"'python -m lowrank.data.train_embedded --out {str(path)!r}'"
-        )
-    return path
-
-
-def available_locally(
-    name_or_path: str | os.PathLike[str],
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> bool:
-    """Whether ``load_pretrained(name_or_path)`` can find its files without the network.
-
-    True for a local directory holding ``config.json``, for :data:`EMBEDDED_MODEL`, and for a
-    hub id whose config and safetensors weights are in the Hugging Face cache. Never
-    downloads anything: notebooks use it to pick a real model when one is present.
-    """
-    _check_revision(revision)
-    name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    if (path / CONFIG_FILE).is_file():
-        return True
-    if path.is_dir() and _looks_like_path(name):
-        return False
-    if name == EMBEDDED_MODEL:
-        try:
-            embedded_model_path()
-        except CheckpointError:
-            return False
-        return True
-    if _looks_like_path(name):
-        return False
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
-    cache = os.fspath(cache_dir) if cache_dir is not None else _hub_cache_dir()
-
-    def cached(filename: str) -> bool:
-        try:
-            found = try_to_load_from_cache(name, filename, cache_dir=cache, revision=revision)
-        except HFValidationError:
-            return False
-        return isinstance(found, str)
-
-    return cached(CONFIG_FILE) and (cached(SAFETENSORS_FILE) or cached(SAFETENSORS_INDEX))
-
-
-def resolve_checkpoint(
-    name_or_path: str | os.PathLike[str],
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    allow_pickle: bool = False,
-) -> Path:
-    """The local directory of a checkpoint: ``name_or_path`` itself, or a hub snapshot.
-
-    A hub id (``"gpt2"``, ``"EleutherAI/gpt-neo-125M"``) is fetched with
-    ``huggingface_hub.snapshot_download`` (config, safetensors and tokenizer files only;
-    pickle weights too when ``allow_pickle``), from the cache when offline. The name
-    :data:`EMBEDDED_MODEL` (``"induction-2l"``) means the model shipped with the package.
-    A local directory wins over a hub id or the embedded model of the same name only when it
-    holds a ``config.json`` (so a report folder named ``gpt2`` never hides the model ``gpt2``);
-    names that look like paths (``./gpt2``, ``/data/gpt2``) are always local.
-
-    Raises:
-        CheckpointError: not a directory and not fetchable (the message says what to do).
-        ValueError: ``revision`` is not a branch, tag or commit name.
-    """
-    _check_revision(revision)
-    name = os.fspath(name_or_path)
-    if not isinstance(name, str) or not name:
-        raise CheckpointError(f"expected a directory or hub id, got {name_or_path!r}")
-    path = Path(name).expanduser()
-    bare_name = not _looks_like_path(name)
-    if path.is_dir() and not (bare_name and not (path / CONFIG_FILE).is_file()):
-        return path
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(
-            f"{name!r} is a file; pass the directory that holds config.json and model.safetensors"
-        )
-    if not bare_name:
-        raise CheckpointError(f"no such directory: {name!r}")
-    if name == EMBEDDED_MODEL:
-        return embedded_model_path()
-    try:
-        return _download(
-            name, revision, None if cache_dir is None else os.fspath(cache_dir), allow_pickle
-        )
-    except CheckpointError as err:
-        if not path.is_dir():
-            raise
-        raise CheckpointError(
-            f"the local folder {name!r} holds no config.json, so it was taken as a hub id: {err}"
-        ) from err
-
-
-# ----------------------------------------------------------------------- steps
 def read_config(directory: str | os.PathLike[str]) -> ModelConfig:
     """The :class:`ModelConfig` of the checkpoint in ``directory`` (its ``config.json``)."""
     path = Path(directory).expanduser() / CONFIG_FILE
@@ -566,14 +72,8 @@ def read_config(directory: str | os.PathLike[str]) -> ModelConfig:
 def convert_state_dict(
     state_dict: Mapping[str, Any], config: ModelConfig, *, dtype: Any = None
 ) -> Params:
-    """HF state dict -> canonical tree, with the converter of ``config.family``."""
-    if config.family == "gpt2":
-        return convert_gpt2_state_dict(state_dict, config, dtype=dtype)
-    return convert_gpt_neo_state_dict(state_dict, config, dtype=dtype)
-
-
-def _dotted(path: tuple[Any, ...]) -> str:
-    return ".".join(str(getattr(k, "key", k)) for k in path)
+    """HF state dict -> canonical tree, through the layout of ``config.family``."""
+    return convert(LAYOUTS[config.family], state_dict, config, dtype=dtype)
 
 
 def place_params(params: Params, *, dtype: Any = None, place: PlaceFn | None = None) -> Params:
@@ -596,7 +96,7 @@ def place_params(params: Params, *, dtype: Any = None, place: PlaceFn | None = N
         x, leaves[i] = leaves[i], None
         if dtype is not None and x.dtype != dtype:
             x = x.astype(dtype)
-        placed.append(put(_dotted(path), x))
+        placed.append(put(dotted_path(path), x))
         del x
     return jax.tree_util.tree_unflatten(treedef, placed)
 

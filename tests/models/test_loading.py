@@ -210,12 +210,12 @@ def test_hub_id_offline_from_cache(offline_empty_hub, gpt2_checkpoint, gpt2_mode
 
 def test_available_locally(offline_empty_hub, gpt2_checkpoint, tmp_path, monkeypatch):
     """True only where load_pretrained needs no network; never downloads."""
-    from lowrank.models import EMBEDDED_MODEL, available_locally, loading
+    from lowrank.models import EMBEDDED_MODEL, available_locally, hub
 
     def no_hub(*args, **kwargs):
         raise AssertionError("available_locally must not download")
 
-    monkeypatch.setattr(loading, "_download", no_hub)
+    monkeypatch.setattr(hub, "_download", no_hub)
     assert available_locally(EMBEDDED_MODEL)
     assert available_locally(gpt2_checkpoint.path)
     assert not available_locally(tmp_path)  # a directory without config.json
@@ -233,7 +233,7 @@ def test_available_locally(offline_empty_hub, gpt2_checkpoint, tmp_path, monkeyp
     shutil.copy(gpt2_checkpoint.path / "model.safetensors", snapshot)
     assert available_locally("someorg/tiny-gpt2")
     assert not available_locally("someorg/tiny-gpt2", revision="other")
-    monkeypatch.setattr(loading, "EMBEDDED_MODEL", "no-such-model")
+    monkeypatch.setattr(hub, "EMBEDDED_MODEL", "no-such-model")
     assert not available_locally("no-such-model")
 
 
@@ -340,12 +340,12 @@ def test_peak_host_memory_about_twice_the_weights(tmp_path):
 
 def test_embedded_model_by_default_and_by_name(monkeypatch):
     """load_pretrained() and load_pretrained("induction-2l") read the package data, offline."""
-    from lowrank.models import EMBEDDED_MODEL, embedded_model_path, loading
+    from lowrank.models import EMBEDDED_MODEL, embedded_model_path, hub
 
     def no_hub(*args, **kwargs):
         raise AssertionError("the embedded model must not touch the hub")
 
-    monkeypatch.setattr(loading, "_download", no_hub)
+    monkeypatch.setattr(hub, "_download", no_hub)
     path = embedded_model_path()
     assert path.is_dir() and (path / "model.safetensors").is_file()
     assert resolve_checkpoint(EMBEDDED_MODEL) == path
@@ -367,9 +367,9 @@ def test_local_directory_shadows_embedded_name(monkeypatch, tmp_path, gpt2_check
 
 
 def test_missing_embedded_model_says_how_to_rebuild(monkeypatch):
-    from lowrank.models import embedded_model_path, loading
+    from lowrank.models import embedded_model_path, hub
 
-    monkeypatch.setattr(loading, "EMBEDDED_MODEL", "no-such-model")
+    monkeypatch.setattr(hub, "EMBEDDED_MODEL", "no-such-model")
     with pytest.raises(CheckpointError, match="python -m lowrank.data.train_embedded"):
         embedded_model_path()
 
