@@ -1,11 +1,12 @@
 """lowrank: the linear algebra of transformer weights in JAX.
 
-``FactoredMatrix`` and its linear algebra live at the top level; models, circuits and the SVD
-interpreter are submodules (``lowrank.models``, ``lowrank.circuits``, ``lowrank.interpret``;
-figures in ``lowrank.plot``, imported on demand because it loads matplotlib).
+``FactoredMatrix`` and its linear algebra live at the top level; models, circuits, the SVD
+interpreter and the pure-JAX eigensolver are submodules (``lowrank.models``,
+``lowrank.circuits``, ``lowrank.interpret``, ``lowrank.eigensolver``; figures in
+``lowrank.plot``, imported on demand because it loads matplotlib).
 """
 
-from lowrank import circuits, interpret, models
+from lowrank import circuits, eigensolver, interpret, models
 from lowrank.chain import chain_matmul, cyclic_core
 from lowrank.circuits import composition_scores, copying_scores
 from lowrank.factored import FactoredMatrix
@@ -23,6 +24,7 @@ __all__ = [
     "copying_scores",
     "cyclic_core",
     "eig",
+    "eigensolver",
     "eigvals",
     "interpret",
     "load_pretrained",

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank._util import HIGHEST
+
 Array = jax.Array
 Order = Any  # an int (one factor) or a pair of Orders
-HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = ["chain_matmul", "chain_order", "cyclic_core"]
 

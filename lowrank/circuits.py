@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank import linalg
+from lowrank._util import HIGHEST, mm, mT
 from lowrank.chain import cyclic_core
 from lowrank.factored import FactoredMatrix
 
 Array = jax.Array
-HIGHEST = jax.lax.Precision.HIGHEST
 CompositionKind = Literal["Q", "K", "V"]
 # Elements of the per-step block of composition_scores (C for a few layer pairs): ~128 MiB.
 _COMPOSITION_STEP_ELEMENTS = 2**25
@@ -40,14 +40,6 @@ __all__ = [
 ]
 
 
-def _mT(x: Array) -> Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _mm(x: Array, y: Array) -> Array:
-    return jnp.matmul(x, y, precision=HIGHEST)
-
-
 def ov_circuit(model: Any) -> FactoredMatrix:
     """``W_V @ W_O`` per head: ``FactoredMatrix [L, H, d_model, d_model]`` of rank ``d_head``."""
     return FactoredMatrix(model.W_V, model.W_O)
@@ -55,7 +47,7 @@ def ov_circuit(model: Any) -> FactoredMatrix:
 
 def qk_circuit(model: Any) -> FactoredMatrix:
     """``W_Q @ W_K^T`` per head: ``FactoredMatrix [L, H, d_model, d_model]``."""
-    return FactoredMatrix(model.W_Q, _mT(model.W_K))
+    return FactoredMatrix(model.W_Q, mT(model.W_K))
 
 
 def full_ov_circuit(model: Any) -> FactoredMatrix:
@@ -65,17 +57,17 @@ def full_ov_circuit(model: Any) -> FactoredMatrix:
     is what returning it means); for its eigenvalues use :func:`copying_scores`, which never
     forms them.
     """
-    return FactoredMatrix(_mm(model.W_E, model.W_V), _mm(model.W_O, model.W_U))
+    return FactoredMatrix(mm(model.W_E, model.W_V), mm(model.W_O, model.W_U))
 
 
 def full_qk_circuit(model: Any) -> FactoredMatrix:
     """``W_E @ W_Q @ W_K^T @ W_E^T``: token-by-token attention scores, ``[L, H, V, V]``."""
-    return FactoredMatrix(_mm(model.W_E, model.W_Q), _mT(_mm(model.W_E, model.W_K)))
+    return FactoredMatrix(mm(model.W_E, model.W_Q), mT(mm(model.W_E, model.W_K)))
 
 
 def positional_qk_circuit(model: Any) -> FactoredMatrix:
     """``W_pos @ W_Q @ W_K^T @ W_pos^T``: position-by-position scores, ``[L, H, n_ctx, n_ctx]``."""
-    return FactoredMatrix(_mm(model.W_pos, model.W_Q), _mT(_mm(model.W_pos, model.W_K)))
+    return FactoredMatrix(mm(model.W_pos, model.W_Q), mT(mm(model.W_pos, model.W_K)))
 
 
 def ov_eigenvalues(model: Any, *, full: bool = True) -> Array:
@@ -89,7 +81,7 @@ def ov_eigenvalues(model: Any, *, full: bool = True) -> Array:
     if full:
         core = cyclic_core(model.W_E, model.W_V, model.W_O, model.W_U)
     else:
-        core = _mm(model.W_O, model.W_V)
+        core = mm(model.W_O, model.W_V)
     return linalg.eigvals(core)
 
 
@@ -115,9 +107,9 @@ def composition_baseline(d_model: int) -> float:
 
 def _right_factors(model: Any, kind: str) -> tuple[Array, Array]:
     if kind == "Q":  # writes into the queries: QK
-        return model.W_Q, _mT(model.W_K)
+        return model.W_Q, mT(model.W_K)
     if kind == "K":  # writes into the keys: QK^T
-        return model.W_K, _mT(model.W_Q)
+        return model.W_K, mT(model.W_Q)
     if kind == "V":  # writes into the values: OV
         return model.W_V, model.W_O
     raise ValueError(f"composition_scores: kind must be 'Q', 'K' or 'V', got {kind!r}")
@@ -185,16 +177,16 @@ def composition_scores(
             "composition_scores: schedule must be two [steps, pairs_per_step] arrays covering "
             f"all {n_pairs} layer pairs, got shapes {lo_steps.shape} and {hi_steps.shape}"
         )
-    G1 = _mm(_mT(A1), A1)  # [L, H, dh, dh]
-    G2 = _mm(B2, _mT(B2))
-    left_sq = jnp.sum(G1 * _mm(B1, _mT(B1)), axis=(-2, -1))  # ||A1 B1||_F^2, [L, H]
-    right_sq = jnp.sum(G2 * _mm(_mT(A2), A2), axis=(-2, -1))
+    G1 = mm(mT(A1), A1)  # [L, H, dh, dh]
+    G2 = mm(B2, mT(B2))
+    left_sq = jnp.sum(G1 * mm(B1, mT(B1)), axis=(-2, -1))  # ||A1 B1||_F^2, [L, H]
+    right_sq = jnp.sum(G2 * mm(mT(A2), A2), axis=(-2, -1))
     B1_rows = B1.reshape(n_layers, n_heads * d_head, d_model)
     A2_cols = jnp.moveaxis(A2, 2, 1).reshape(n_layers, d_model, n_heads * d_head)
 
     def pair_norms(_: None, pair: tuple[Array, Array]) -> tuple[None, Array]:
         lo, hi = pair
-        C = _mm(B1_rows[lo], A2_cols[hi])  # [k, H dh, H dh]
+        C = mm(B1_rows[lo], A2_cols[hi])  # [k, H dh, H dh]
         C = C.reshape(lo.shape[0], n_heads, d_head, n_heads, d_head)
         left_side = jnp.einsum("khab,khbgc->khagc", G1[lo], C, precision=HIGHEST)
         right_side = jnp.einsum("khagb,kgbc->khagc", C, G2[hi], precision=HIGHEST)

@@ -40,6 +40,7 @@ flagged and their results are NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -48,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-Array = jax.Array
-HIGHEST = lax.Precision.HIGHEST
+from lowrank._util import HIGHEST, check_real_float, upcast
 
-__all__ = ["eig", "eig_with_info", "eigvals", "eigvals_with_info"]
+Array = jax.Array
+
+__all__ = ["DEFAULT_MAX_ITERATIONS", "EigResult", "default_bulges", "solve"]
 
 DEFAULT_MAX_ITERATIONS = 40
 """Default cap on QR sweeps of one matrix without a deflation (EISPACK's is 30 per eigenvalue).
@@ -84,14 +86,8 @@ def _check_input(a: Any, fn: str) -> Array:
             f"{fn}: complex input is not supported, got dtype {a.dtype} "
             f"(shape {tuple(a.shape)}); pass a real floating-point matrix"
         )
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: expected a real floating-point matrix a [..., n, n], got dtype {a.dtype} "
-            f"(shape {tuple(a.shape)})"
-        )
-    if a.dtype in (jnp.bfloat16, jnp.float16):
-        a = a.astype(jnp.float32)
-    return a
+    check_real_float(a, fn, "matrix a [..., n, n]")
+    return upcast(a)
 
 
 def _check_max_iterations(max_iterations: int | None, fn: str) -> int:
@@ -273,8 +269,8 @@ class _QRState(NamedTuple):
     kdefl: Array  # [B] sweeps since the last deflation
     nsplit: Array  # [B] number of zero subdiagonal entries (deflations so far)
     failed: Array  # [B] gave up after too many sweeps without a deflation
+    iterations: Array  # [B] sweeps in which the matrix had an unreduced block of size >= 3
     sweeps: Array  # [] sweeps done
-    steps: Array  # [] bulge-chasing steps done (sequential loop iterations)
     more: Array  # [] some matrix still has an unreduced block of size >= 3
 
 
@@ -508,7 +504,15 @@ def _plan_sweep(
     busy_step = kinds != _IDLE
     t0 = jnp.min(jnp.where(busy_step, steps, n + lag)).astype(jnp.int32)
     t1 = jnp.max(jnp.where(busy_step, steps + 1, 0)).astype(jnp.int32)
-    new_state = state._replace(h=h, kdefl=kdefl, nsplit=nsplit, failed=failed, more=jnp.any(active))
+    sweeping = jnp.any(active, axis=1)
+    new_state = state._replace(
+        h=h,
+        kdefl=kdefl,
+        nsplit=nsplit,
+        failed=failed,
+        iterations=state.iterations + sweeping.astype(jnp.int32),
+        more=jnp.any(sweeping),
+    )
     return new_state, _Plan(kind=kinds, shifts=shifts, t0=t0, t1=t1)
 
 
@@ -610,12 +614,12 @@ def _francis_qr(
     """Real Schur form of a Hessenberg batch ``[B, n, n]`` (and ``z @ Q`` when ``z`` is given).
 
     Returns ``T [B, n, n]`` (quasi-triangular, exact zeros between diagonal blocks), the
-    updated ``z``, the number of sweeps and of bulge steps done ``[2]`` and the failure flags
+    updated ``z``, the number of sweeps each matrix took part in ``[B]`` and the failure flags
     ``[B]``.
     """
     batch, n, _ = h.shape
     if n < 3:
-        return h, z, jnp.zeros((2,), jnp.int32), jnp.zeros((batch,), bool)
+        return h, z, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool)
     pad = _pad_width(bulges)
     hp = jnp.pad(h, ((0, 0), (pad, pad), (pad, pad)))
     zp = None if z is None else jnp.pad(z, ((0, 0), (0, 0), (pad, pad)))
@@ -626,8 +630,8 @@ def _francis_qr(
         kdefl=zeros,
         nsplit=zeros,
         failed=jnp.zeros((batch,), bool),
+        iterations=zeros,
         sweeps=jnp.zeros((), jnp.int32),
-        steps=jnp.zeros((), jnp.int32),
         more=jnp.ones((), bool),
     )
     # Every sweep either deflates or counts towards some matrix's cap: a hard bound.
@@ -640,16 +644,14 @@ def _francis_qr(
             return _bulge_step(t, carry[0], carry[1], plan)
 
         h, z = lax.fori_loop(plan.t0, plan.t1, body, (state.h, state.z))
-        steps = state.steps + jnp.maximum(plan.t1 - plan.t0, 0)
-        return state._replace(h=h, z=z, sweeps=state.sweeps + 1, steps=steps)
+        return state._replace(h=h, z=z, sweeps=state.sweeps + 1)
 
     def cond(state: _QRState) -> Array:
         return state.more & (state.sweeps < cap)
 
     state = lax.while_loop(cond, sweep, state)
     z_out = None if state.z is None else state.z[:, :, pad : pad + n]
-    counts = jnp.stack([state.sweeps, state.steps])
-    return state.h[:, pad : pad + n, pad : pad + n], z_out, counts, state.failed
+    return state.h[:, pad : pad + n, pad : pad + n], z_out, state.iterations, state.failed
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,15 +759,23 @@ def _triangular_eigvecs(t: Array, w: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def default_bulges(platform: str) -> int:
+    """Bulges (double shifts) per QR sweep that :func:`solve` chases on ``platform``.
+
+    One on ``"cpu"``, where a step's cost grows with its work; ``2`` elsewhere (GPU, TPU), where
+    the cost of a step should be dominated by launch/loop overhead, so that two bulges (~40%
+    fewer sequential steps) win.
+    """
+    return 1 if platform == "cpu" else _BULGES
+
+
 def _schur(
     h: Array, q: Array | None, max_iterations: int, bulges: int | None
 ) -> tuple[Array, Array | None, Array, Array]:
-    """:func:`_francis_qr` with ``bulges`` chosen per platform when None.
+    """:func:`_francis_qr` with ``bulges`` chosen per platform (:func:`default_bulges`) when None.
 
-    One bulge per sweep is fastest on CPU (a step's cost there grows with its work); on GPU and
-    TPU the cost of a step should be dominated by launch/loop overhead, so ``_BULGES`` bulges
-    (~40% fewer sequential steps) are used. ``lax.platform_dependent`` resolves this when the
-    program is lowered, so exported programs get the right variant for their platform.
+    ``lax.platform_dependent`` resolves the choice when the program is lowered, so exported
+    programs get the right variant for their platform.
     """
     if bulges is not None:
         return _francis_qr(h, q, max_iterations, bulges)
@@ -777,22 +787,45 @@ def _schur(
     )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EigResult:
+    """What :func:`solve` returns (a pytree).
+
+    Attributes:
+        values: ``[..., n]`` eigenvalues (complex64, or complex128 for float64 input), unsorted,
+            in the order of the diagonal of the real Schur form; complex conjugate pairs are
+            adjacent with the positive imaginary part first.
+        vectors: ``[..., n, n]`` unit right eigenvectors (columns),
+            ``a @ vectors[..., :, k] = values[..., k] * vectors[..., :, k]``, whose
+            largest-magnitude entry is real and positive (for a defective eigenvalue they are
+            nearly parallel, as with LAPACK); None unless requested.
+        converged: ``[...]`` bool; where False (non-finite input, or no convergence within the
+            cap) values and vectors are NaN.
+        iterations: ``[...]`` int32, the QR sweeps in which the matrix still had an unreduced
+            block. The batch moves in lock step: the largest count sets the run time.
+    """
+
+    values: Array
+    vectors: Array | None
+    converged: Array
+    iterations: Array
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _solve(
-    a: Array, want_vectors: bool, max_iterations: int, bulges: int | None = None
-) -> tuple[Array, Array | None, Array]:
-    """Eigenvalues ``[B, n]``, eigenvectors ``[B, n, n]`` or None, converged ``[B]``.
+def _solve(a: Array, want_vectors: bool, max_iterations: int, bulges: int | None) -> EigResult:
+    """:func:`solve` for a flat batch ``[B, n, n]``, checked arguments.
 
     Jitted so that eager calls run one compiled program (inlined under an outer ``jit``).
-    ``bulges`` (bulges per QR sweep) is for tests and benchmarks; None picks it per platform.
     Under ``jax.vmap`` the mapped axis is folded into the batch axis (a custom batching rule),
     so a vmapped call runs the same lock-step program as a batched one.
     """
 
     @jax.custom_batching.custom_vmap
     def solve(x: Array) -> tuple[Array, ...]:
-        w, v, converged = _solve_batch(x, want_vectors, max_iterations, bulges)
-        return (w, converged) if v is None else (w, v, converged)
+        result = _solve_batch(x, want_vectors, max_iterations, bulges)
+        out = (result.values, result.vectors, result.converged, result.iterations)
+        return tuple(x for x in out if x is not None)
 
     @solve.def_vmap
     def _fold_mapped_axis(
@@ -805,18 +838,19 @@ def _solve(
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in out), tuple(True for _ in out)
 
     out = solve(a)
-    return (out[0], None, out[1]) if len(out) == 2 else (out[0], out[1], out[2])
+    if not want_vectors:
+        out = (out[0], None, *out[1:])
+    return EigResult(*out)
 
 
 def _solve_batch(
     a: Array, want_vectors: bool, max_iterations: int, bulges: int | None
-) -> tuple[Array, Array | None, Array]:
-    """:func:`_solve` for a flat batch ``[B, n, n]``."""
+) -> EigResult:
     batch, n, _ = a.shape
     cdtype = _complex_dtype(a.dtype)
     a, scale, finite = _prepare(a)
     h, q = _hessenberg(a, want_vectors)
-    t, z, _, failed = _schur(h, q, max_iterations, bulges)
+    t, z, iterations, failed = _schur(h, q, max_iterations, bulges)
     re, im, small = _schur_eigvals(t)
     converged = finite & ~failed & small
     nan = jnp.array(jnp.nan, dtype=re.dtype)
@@ -824,7 +858,7 @@ def _solve_batch(
     w = lax.complex(re * scale[:, None], im * scale[:, None])
     w = jnp.where(converged[:, None], w, lax.complex(nan, nan))
     if not want_vectors:
-        return w, None, converged
+        return EigResult(w, None, converged, iterations)
     assert z is not None
     u = _triangularise_blocks(t, w_unit)
     tc = jnp.einsum("bji,bjk,bkl->bil", jnp.conj(u), t.astype(cdtype), u, precision=HIGHEST)
@@ -834,7 +868,7 @@ def _solve_batch(
     v = jnp.einsum("bij,bjk->bik", zc, x, precision=HIGHEST)
     v = _normalise_columns(v)
     v = jnp.where(converged[:, None, None], v, lax.complex(nan, nan))
-    return w, v, converged
+    return EigResult(w, v, converged, iterations)
 
 
 def _normalise_columns(v: Array) -> Array:
@@ -850,79 +884,46 @@ def _normalise_columns(v: Array) -> Array:
     return v / jnp.where(length > 0, length, 1).astype(v.dtype)
 
 
-def _run(
-    a: Any, fn: str, want_vectors: bool, max_iterations: int | None
-) -> tuple[Array, Array | None, Array]:
+def _check_bulges(bulges: int | None, fn: str) -> int | None:
+    if bulges is None:
+        return None
+    if isinstance(bulges, bool) or not isinstance(bulges, (int, np.integer)) or bulges < 1:
+        raise ValueError(f"{fn}: bulges must be None or an int >= 1, got {bulges!r}")
+    return int(bulges)
+
+
+def solve(
+    a: Any, *, vectors: bool = False, max_iterations: int | None = None, bulges: int | None = None
+) -> EigResult:
+    """Eigenvalues (and right eigenvectors) of real square matrices, batched, in pure JAX.
+
+    No LAPACK: the same program runs on CPU, GPU and TPU and vectorises over the batch.
+
+    Args:
+        a: ``[..., n, n]`` real floating-point matrices (bfloat16/float16 are computed in
+            float32). Complex input raises ``TypeError``.
+        vectors: also compute unit right eigenvectors.
+        max_iterations: cap on QR sweeps of one matrix without a deflation (default
+            :data:`DEFAULT_MAX_ITERATIONS`).
+        bulges: bulges chased per QR sweep; None (default) is :func:`default_bulges` of the
+            platform the program runs on.
+
+    Returns:
+        An :class:`EigResult` with leading axes ``[...]``.
+    """
+    fn = "solve"
     a = _check_input(a, fn)
     max_it = _check_max_iterations(max_iterations, fn)
+    bulges = _check_bulges(bulges, fn)
     batch_shape, n = a.shape[:-2], a.shape[-1]
-    cdtype = _complex_dtype(a.dtype)
     size = int(np.prod(batch_shape, dtype=np.int64))
     if size == 0 or n == 0:
-        w = jnp.zeros((*batch_shape, n), cdtype)
-        v = jnp.zeros((*batch_shape, n, n), cdtype) if want_vectors else None
-        return w, v, jnp.ones(batch_shape, bool)
-    flat = a.reshape((size, n, n))
-    w, v, converged = _solve(flat, want_vectors, max_it)
-    w = w.reshape((*batch_shape, n))
-    v = None if v is None else v.reshape((*batch_shape, n, n))
-    return w, v, converged.reshape(batch_shape)
-
-
-def eigvals_with_info(a: Any, *, max_iterations: int | None = None) -> tuple[Array, Array]:
-    """Eigenvalues of real square matrices and a per-matrix convergence flag.
-
-    Args:
-        a: ``[..., n, n]`` real floating-point matrices (bfloat16/float16 are computed in
-            float32). Complex input raises ``TypeError``.
-        max_iterations: cap on QR sweeps of one matrix without a deflation (default 40).
-
-    Returns:
-        ``w: [..., n]`` eigenvalues (complex64, or complex128 for float64 input), unsorted, in
-        the order of the diagonal of the real Schur form; complex conjugate pairs are adjacent
-        with the positive imaginary part first. ``converged: [...]`` bool; where it is False
-        (non-finite input, or no convergence within the cap) the eigenvalues are NaN.
-    """
-    w, _, converged = _run(a, "eigvals_with_info", False, max_iterations)
-    return w, converged
-
-
-def eigvals(a: Any, *, max_iterations: int | None = None) -> Array:
-    """Eigenvalues ``[..., n]`` (complex) of real square matrices ``a: [..., n, n]``.
-
-    Pure JAX (no LAPACK), batched over leading axes; see :func:`eigvals_with_info` for the
-    arguments, the output order and the convergence flag. Matrices with NaN/Inf entries, or
-    that fail to converge, give NaN eigenvalues. Complex input raises ``TypeError``.
-    """
-    w, _, _ = _run(a, "eigvals", False, max_iterations)
-    return w
-
-
-def eig_with_info(a: Any, *, max_iterations: int | None = None) -> tuple[Array, Array, Array]:
-    """Eigenvalues, unit right eigenvectors and a convergence flag of real square matrices.
-
-    Args:
-        a: ``[..., n, n]`` real floating-point matrices (bfloat16/float16 are computed in
-            float32). Complex input raises ``TypeError``.
-        max_iterations: cap on QR sweeps of one matrix without a deflation (default 40).
-
-    Returns:
-        ``w: [..., n]`` eigenvalues as in :func:`eigvals_with_info`; ``v: [..., n, n]`` with
-        ``a @ v[..., :, k] = w[..., k] * v[..., :, k]``, unit 2-norm columns whose
-        largest-magnitude entry is real and positive (for a defective eigenvalue the vectors
-        are nearly parallel, as with LAPACK); ``converged: [...]`` bool. Where it is False the
-        eigenvalues and eigenvectors are NaN.
-    """
-    w, v, converged = _run(a, "eig_with_info", True, max_iterations)
-    assert v is not None
-    return w, v, converged
-
-
-def eig(a: Any, *, max_iterations: int | None = None) -> tuple[Array, Array]:
-    """Eigenvalues ``w [..., n]`` and unit right eigenvectors ``v [..., n, n]`` (columns).
-
-    Pure JAX (no LAPACK), batched over leading axes; see :func:`eig_with_info`.
-    """
-    w, v, _ = _run(a, "eig", True, max_iterations)
-    assert v is not None
-    return w, v
+        cdtype = _complex_dtype(a.dtype)
+        return EigResult(
+            values=jnp.zeros((*batch_shape, n), cdtype),
+            vectors=jnp.zeros((*batch_shape, n, n), cdtype) if vectors else None,
+            converged=jnp.ones(batch_shape, bool),
+            iterations=jnp.zeros(batch_shape, jnp.int32),
+        )
+    result = _solve(a.reshape((size, n, n)), bool(vectors), max_it, bulges)
+    return jax.tree_util.tree_map(lambda x: x.reshape(batch_shape + x.shape[1:]), result)

@@ -1,8 +1,15 @@
-"""FactoredMatrix: a matrix kept as the product of two factors, as an immutable pytree."""
+"""FactoredMatrix: a matrix kept as the product of two factors, as an immutable pytree.
+
+Also declares the linear algebra on it (:func:`svd`, :func:`svdvals`, :func:`eigvals`,
+:func:`eig`, :func:`norm`, :func:`trace`) as generic functions (``functools.singledispatch``)
+that take a ``FactoredMatrix`` or a dense array; :mod:`lowrank.linalg` registers their
+implementations.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from typing import Any
@@ -11,6 +18,8 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lowrank._util import check_real_float
 
 Array = jax.Array
 
@@ -34,11 +43,9 @@ def _check_factor(name: str, x: Any) -> None:
             f"FactoredMatrix: {name} must have at least 2 dimensions [..., rows, cols], "
             f"got shape {tuple(x.shape)}"
         )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"FactoredMatrix: {name} must be a real floating-point array, got dtype {x.dtype} "
-            f"(shape {tuple(x.shape)}); cast it, e.g. {name}.astype(jnp.float32)"
-        )
+    check_real_float(
+        x, "FactoredMatrix", f"factor {name}", f"; cast it, e.g. {name}.astype(jnp.float32)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -224,12 +231,10 @@ class FactoredMatrix:
         corner = jnp.broadcast_to(corner, (*lead, *corner.shape[-2:]))
         return corner[tuple(slice(k) for _ in range(corner.ndim))]
 
-    # ------------------------------------------ linear algebra (see linalg.py)
+    # ------------------------------------------ linear algebra (generic functions below)
     def svd(self) -> tuple[Array, Array, Array]:
         """``U, S, Vh`` with ``A @ B == U @ diag(S) @ Vh`` (``Vh`` is really ``V^T``)."""
-        from lowrank import linalg
-
-        return linalg.svd(self)
+        return svd(self)
 
     @property
     def U(self) -> Array:
@@ -237,9 +242,7 @@ class FactoredMatrix:
 
     @property
     def S(self) -> Array:
-        from lowrank import linalg
-
-        return linalg.svdvals(self)
+        return svdvals(self)
 
     @property
     def Vh(self) -> Array:
@@ -253,24 +256,16 @@ class FactoredMatrix:
 
     @property
     def eigenvalues(self) -> Array:
-        from lowrank import linalg
-
-        return linalg.eigvals(self)
+        return eigvals(self)
 
     def eig(self) -> tuple[Array, Array]:
-        from lowrank import linalg
-
-        return linalg.eig(self)
+        return eig(self)
 
     def norm(self) -> Array:
-        from lowrank import linalg
-
-        return linalg.norm(self)
+        return norm(self)
 
     def trace(self) -> Array:
-        from lowrank import linalg
-
-        return linalg.trace(self)
+        return trace(self)
 
     def collapse_l(self) -> Array:
         """``diag(S) @ Vh: [..., k, r]`` (drops the orthogonal left factor)."""
@@ -287,6 +282,69 @@ class FactoredMatrix:
         U, S, Vh = self.svd()
         root = jnp.sqrt(S)
         return FactoredMatrix(U * root[..., None, :], root[..., :, None] * Vh)
+
+
+# --------------------------------------------------------------------------- linear algebra
+def _unsupported(fn: str, x: Any) -> TypeError:
+    return TypeError(
+        f"{fn}: expected a FactoredMatrix or an array (jax.Array or numpy.ndarray) [..., l, r], "
+        f"got {type(x).__name__}"
+    )
+
+
+@functools.singledispatch
+def svd(M: Any) -> tuple[Array, Array, Array]:
+    """Thin SVD ``M == U @ diag(S) @ Vh`` of a FactoredMatrix ``A @ B`` (never formed) or an
+    array ``[..., l, r]``.
+
+    Returns:
+        ``U: [..., l, k]``, ``S: [..., k]`` (descending), ``Vh: [..., k, r]`` with
+        ``k = min(l, m, r)`` (``min(l, r)`` for an array). ``Vh`` holds the right singular
+        vectors as rows; the TransformerLens-style ``V`` (columns) is ``FactoredMatrix.V``.
+        Gradients are finite for rank-deficient factors too.
+    """
+    raise _unsupported("svd", M)
+
+
+@functools.singledispatch
+def svdvals(M: Any) -> Array:
+    """Singular values ``[..., min(l, m, r)]`` in descending order, differentiable as
+    ``ds_i = u_i^T dM v_i`` (finite for rank-deficient factors)."""
+    raise _unsupported("svdvals", M)
+
+
+@functools.singledispatch
+def eigvals(M: Any) -> Array:
+    """Eigenvalues of a square matrix, unsorted, complex.
+
+    For a FactoredMatrix they are the eigenvalues of ``B @ A`` (``m x m``): the nonzero spectrum
+    of ``A @ B`` plus zeros. When ``m > l`` the ``l x l`` product is used instead, so the result
+    has ``min(l, m)`` entries.
+    """
+    raise _unsupported("eigvals", M)
+
+
+@functools.singledispatch
+def eig(M: Any) -> tuple[Array, Array]:
+    """Eigenvalues ``[..., k]`` and unit right eigenvectors ``[..., l, k]`` of a square matrix.
+
+    For a FactoredMatrix ``k = min(l, m)`` as in :func:`eigvals`; columns for zero eigenvalues
+    may be zero.
+    """
+    raise _unsupported("eig", M)
+
+
+@functools.singledispatch
+def norm(M: Any) -> Array:
+    """Frobenius norm ``[...]`` without an SVD, accurate wherever it is representable; its
+    gradient at zero is zero (a subgradient)."""
+    raise _unsupported("norm", M)
+
+
+@functools.singledispatch
+def trace(M: Any) -> Array:
+    """Trace ``[...]`` of a square matrix (``sum_ij A_ij B_ji`` for a FactoredMatrix)."""
+    raise _unsupported("trace", M)
 
 
 def _set_factors(M: FactoredMatrix, A: Any, B: Any) -> None:
@@ -385,17 +443,12 @@ def _as_scalar(x: Any, dtype: Any) -> Any:
             f"FactoredMatrix * x needs a scalar, got an array of shape {tuple(x.shape)}; "
             "use @ for matrix products"
         )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"FactoredMatrix * x: x must be a real float, got dtype {x.dtype}")
+    check_real_float(x, "FactoredMatrix * x", "scalar x")
     return jnp.reshape(x, ()).astype(dtype)
 
 
 def _check_operand_dtype(M: FactoredMatrix, x: Array) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"FactoredMatrix products need a real floating-point operand, got dtype {x.dtype} "
-            f"(shape {tuple(x.shape)})"
-        )
+    check_real_float(x, "FactoredMatrix products", "operand")
     if x.dtype != M.dtype:
         raise TypeError(
             f"FactoredMatrix products need matching dtypes: the matrix is {M.dtype}, "

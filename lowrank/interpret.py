@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank import linalg
+from lowrank._util import mm
 from lowrank.factored import FactoredMatrix
 
 Array = jax.Array
-HIGHEST = jax.lax.Precision.HIGHEST
 Kind = Literal["OV", "w_in", "w_out"]
 
 __all__ = [
@@ -129,7 +129,7 @@ def svd_directions(
 
 def _directions(S: Array, Vh: Array, readout: Array | None, top_k: int) -> SingularDirections:
     """Package singular directions ``Vh [n, r]`` read out through ``readout [r, V]``."""
-    activations = Vh if readout is None else jnp.matmul(Vh, readout, precision=HIGHEST)
+    activations = Vh if readout is None else mm(Vh, readout)
     if not 1 <= top_k <= activations.shape[-1]:
         raise ValueError(f"top_k must be in 1..{activations.shape[-1]}, got {top_k}")
     pos_vals, pos_ids = jax.lax.top_k(activations, top_k)
@@ -209,7 +209,7 @@ def row_top_k(M: FactoredMatrix, k: int, *, chunk: int = 1024) -> tuple[Array, A
         raise ValueError(f"row_top_k: k must be in 1..{M.rdim}, got {k}")
 
     def block_top(a: Array) -> tuple[Array, Array]:
-        return jax.lax.top_k(jnp.matmul(a, M.B, precision=HIGHEST), k)
+        return jax.lax.top_k(mm(a, M.B), k)
 
     values, indices = jax.lax.map(block_top, blocks)
     return values.reshape(-1, k)[:rows], indices.reshape(-1, k)[:rows]

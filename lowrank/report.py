@@ -2,7 +2,7 @@
 :func:`to_json` dict, and the files (:func:`write_files`: PNGs, ``index.html``, ``report.json``).
 
 Each analysis is jitted on its own (never two decompositions in one program, see
-``lowrank.linalg._Serial``). Given a device mesh, the per-head analyses run sharded over it (see
+``lowrank._deadlock.Serial``). Given a device mesh, the per-head analyses run sharded over it (see
 :mod:`lowrank.sharding`); on several processes every process computes the same results.
 """
 

@@ -10,8 +10,6 @@ first; :func:`sharded_place` then lets each host read only its part of a checkpo
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lowrank import circuits, linalg
+from lowrank import _deadlock, circuits
 from lowrank.factored import FactoredMatrix
 from lowrank.models import TransformerModel, place_params
 
@@ -123,24 +121,16 @@ def sharded(fn: Callable[..., Any], mesh: Mesh, out_specs: Any) -> Callable[...,
             where their heads live, :data:`REPLICATED` copies a result to every device. Inputs
             keep the shardings they have (see :func:`shard_model`).
 
-    On a multi-device CPU mesh the decompositions in ``fn`` take one matrix per LAPACK call
-    (:func:`lowrank.linalg.lapack_one_matrix_at_a_time`), so concurrent devices cannot deadlock.
+    On a multi-device CPU mesh every decomposition in ``fn`` runs one matrix per LAPACK call
+    (``lax.map`` over its batch), so that concurrent devices cannot deadlock jaxlib's kernels.
     """
     on_cpu = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
-    context = linalg.lapack_one_matrix_at_a_time if on_cpu else contextlib.nullcontext
+    if on_cpu and _deadlock.DEADLOCK_PRONE:
+        fn = _deadlock.one_matrix_per_call(fn)
     out = jax.tree_util.tree_map(
         lambda spec: NamedSharding(mesh, spec), out_specs, is_leaf=lambda x: isinstance(x, P)
     )
-
-    def traced(*args: Any) -> Any:  # its own identity: no trace of ``fn`` made elsewhere is reused
-        return fn(*args)
-
-    @functools.wraps(fn)
-    def run(*args: Any) -> Any:
-        with context():
-            return jax.jit(traced, out_shardings=out)(*args)
-
-    return run
+    return jax.jit(fn, out_shardings=out)
 
 
 def composition_scores(model: TransformerModel, kind: circuits.CompositionKind, mesh: Mesh) -> Any:

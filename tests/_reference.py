@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import jax.extend
 import numpy as np
 
 RTOL = 1e-4
+
+# Primitives that run LAPACK kernels on CPU (see lowrank/_deadlock.py).
+DECOMPOSITIONS = {
+    "svd",
+    "qr",
+    "geqrf",
+    "householder_product",
+    "cholesky",
+    "triangular_solve",
+    "eig",
+}
+
+
+def decomposition_operand_shapes(jaxpr):
+    """Operand shapes of every decomposition in a jaxpr, sub-jaxprs (scan, cond, jit) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in DECOMPOSITIONS:
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += decomposition_operand_shapes(sub)
+    return shapes
 
 
 def random_factors(rng, lead, l, m, r, lead_b=None):

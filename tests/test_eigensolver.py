@@ -13,14 +13,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowrank.eigensolver import _solve, eig, eig_with_info, eigvals, eigvals_with_info
-
-# One compiled program per input shape, shared by all tests.
-EIGVALS = jax.jit(eigvals_with_info)
-EIG = jax.jit(eig_with_info)
+from lowrank.eigensolver import DEFAULT_MAX_ITERATIONS, EigResult, default_bulges, solve
 
 TOL32 = 1e-4
 TOL64 = 1e-10
+
+# Compiling the solver takes seconds per input shape and options; running it, milliseconds. So
+# every call at size n solves a batch of _BATCH[n] matrices (tests pad theirs with random ones,
+# see `run`) and each (n, options) compiles once for the whole file.
+_BATCH = {1: 4, 2: 1200, 3: 7, 5: 144, 6: 1, 7: 7, 9: 7, 16: 144, 64: 7, 128: 1}
+
+
+def run(a, **options) -> EigResult:
+    """``solve(a, **options)`` for ``a: [b, n, n]``, padded with random matrices to ``_BATCH[n]``
+    (the solver treats the matrices of a batch independently)."""
+    a = np.asarray(a)
+    b, n = a.shape[0], a.shape[-1]
+    pad = np.random.default_rng(n).standard_normal((_BATCH[n] - b, n, n)).astype(a.dtype)
+    result = solve(np.concatenate([a, pad]), **options)
+    return jax.tree_util.tree_map(lambda x: x[:b], result)
 
 
 def _match_error(w: np.ndarray, ref: np.ndarray) -> float:
@@ -129,17 +140,20 @@ FAMILIES = [
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("n", "batch"),
-    [(2, 1), (2, 1200), (3, 7), (5, 1200), (5, 144), (16, 7), (16, 144), (64, 7), (128, 1)],
-)
-def test_random_matches_numpy(n, batch):
+@pytest.mark.parametrize("n", [2, 3, 5, 16, 64, 128])
+def test_random_matches_numpy(n):
+    batch = _BATCH[n]  # 1200 matrices at n = 2, a single one at n = 128
     rng = np.random.default_rng(n * 1000 + batch)
     a = random_gaussian(rng, batch, n).astype(np.float32)
-    w, converged = EIGVALS(a)
-    assert w.shape == (batch, n) and w.dtype == jnp.complex64
-    assert bool(jnp.all(converged))
-    assert np.max(_spectral_error(w, a)) < TOL32
+    result = solve(a)
+    assert result.values.shape == (batch, n) and result.values.dtype == jnp.complex64
+    assert result.vectors is None
+    assert bool(jnp.all(result.converged))
+    assert np.max(_spectral_error(result.values, a)) < TOL32
+    iterations = np.asarray(result.iterations)
+    assert iterations.shape == (batch,) and iterations.dtype == np.int32
+    # a Hessenberg matrix of size <= 2 is in Schur form; larger ones need sweeps
+    assert np.all(iterations == 0) if n <= 2 else np.all(iterations >= 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
@@ -147,18 +161,20 @@ def test_random_matches_numpy(n, batch):
 def test_families_match_numpy(family, n):
     rng = np.random.default_rng(n)
     a = family(rng, 7, n).astype(np.float32)
-    w, converged = EIGVALS(a)
-    assert bool(jnp.all(converged))
-    assert np.max(_spectral_error(w, a)) < TOL32
+    result = run(a)
+    assert bool(jnp.all(result.converged))
+    assert np.max(_spectral_error(result.values, a)) < TOL32
+    if family in (zero, triangular):  # already in Schur form
+        np.testing.assert_array_equal(result.iterations, 0)
 
 
 @pytest.mark.parametrize("family", [rotations, skew_symmetric, cyclic_permutation, low_rank])
 def test_families_n64(family):
     rng = np.random.default_rng(64)
     a = family(rng, 7, 64).astype(np.float32)
-    w, converged = EIGVALS(a)
-    assert bool(jnp.all(converged))
-    assert np.max(_spectral_error(w, a)) < TOL32
+    result = run(a)
+    assert bool(jnp.all(result.converged))
+    assert np.max(_spectral_error(result.values, a)) < TOL32
 
 
 @pytest.mark.parametrize(
@@ -167,24 +183,26 @@ def test_families_n64(family):
     + [(f, 16) for f in (rotations, cyclic_permutation, low_rank, triangular)],
 )
 def test_two_bulges_per_sweep(family, n):
-    """The multishift variant used on GPU/TPU (two bulges per sweep), run here on CPU."""
+    """The multishift variant used on GPU/TPU (two bulges per sweep), run here on CPU, against
+    NumPy and against the one-bulge default of CPU."""
+    assert (default_bulges("cpu"), default_bulges("gpu"), default_bulges("tpu")) == (1, 2, 2)
     rng = np.random.default_rng(n + 1)
     a = family(rng, 7, n).astype(np.float32)
-    w, v, converged = _solve(jnp.asarray(a), True, 40, 2)
-    assert bool(jnp.all(converged))
-    assert np.max(_spectral_error(w, a)) < TOL32
-    w_one, _, _ = _solve(jnp.asarray(a), False, 40, 1)
-    assert np.max(_spectral_error(w_one, a)) < TOL32
+    result = run(a, vectors=True, bulges=2)
+    assert bool(jnp.all(result.converged))
+    assert np.max(_spectral_error(result.values, a)) < TOL32
+    one_bulge = None if jax.default_backend() == "cpu" else 1  # None: share the default's program
+    assert np.max(_spectral_error(run(a, bulges=one_bulge).values, a)) < TOL32
     a64 = a.astype(np.float64)
-    v = np.asarray(v).astype(np.complex128)
-    residual = np.linalg.norm(a64 @ v - v * np.asarray(w)[:, None, :], axis=-2)
+    w, v = np.asarray(result.values), np.asarray(result.vectors).astype(np.complex128)
+    residual = np.linalg.norm(a64 @ v - v * w[:, None, :], axis=-2)
     assert np.max(residual / np.linalg.norm(a64, 2, axis=(-2, -1))[:, None]) < TOL32
 
 
 def test_purely_imaginary_spectrum():
     rng = np.random.default_rng(3)
     a = skew_symmetric(rng, 7, 16).astype(np.float32)
-    w = np.asarray(eigvals(a))
+    w = np.asarray(run(a).values)
     scale = np.linalg.norm(a.astype(np.float64), 2, axis=(-2, -1))[:, None]
     assert np.max(np.abs(w.real) / scale) < TOL32
     # Conjugate pairs are adjacent, positive imaginary part first.
@@ -192,9 +210,9 @@ def test_purely_imaginary_spectrum():
 
 
 def test_zero_matrix_gives_exact_zeros():
-    w, converged = EIGVALS(np.zeros((3, 16, 16), np.float32))
-    assert bool(jnp.all(converged))
-    np.testing.assert_array_equal(np.asarray(w), 0)
+    result = run(np.zeros((3, 16, 16), np.float32))
+    assert bool(jnp.all(result.converged))
+    np.testing.assert_array_equal(np.asarray(result.values), 0)
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
@@ -215,14 +233,14 @@ def test_nearly_defective(m):
     t = t + 1e-6 * rng.standard_normal((batch, n, n))
     q = _orthogonal(rng, batch, n)
     a = (q @ t @ np.swapaxes(q, -1, -2)).astype(np.float32)
-    w, converged = EIGVALS(a)
-    assert bool(jnp.all(converged))
+    result = run(a)
+    assert bool(jnp.all(result.converged))
     a64 = a.astype(np.float64)
     norm = np.linalg.norm(a64, 2, axis=(-2, -1))
     eps = float(np.finfo(np.float32).eps)
     tol = 4 * (16 * eps * norm) ** (1 / m)
-    assert np.all(_spectral_error(w, a) * norm < tol)
-    w = np.asarray(w)
+    assert np.all(_spectral_error(result.values, a) * norm < tol)
+    w = np.asarray(result.values)
     ref = np.linalg.eigvals(a64)
     for k in range(batch):
         near = np.abs(w[k] - 2) < 0.5
@@ -235,44 +253,49 @@ def test_nearly_defective(m):
 def test_scale_invariance(scale):
     rng = np.random.default_rng(5)
     a = random_gaussian(rng, 7, 16)
-    w_unit = np.asarray(EIGVALS(a.astype(np.float32))[0]).astype(np.complex128)
-    w_scaled, converged = EIGVALS((scale * a).astype(np.float32))
-    assert bool(jnp.all(converged))
-    assert np.all(np.isfinite(np.asarray(w_scaled)))
-    assert np.max(_spectral_error(w_scaled, (scale * a).astype(np.float32))) < TOL32
+    w_unit = np.asarray(run(a.astype(np.float32)).values).astype(np.complex128)
+    scaled = run((scale * a).astype(np.float32))
+    assert bool(jnp.all(scaled.converged))
+    assert np.all(np.isfinite(np.asarray(scaled.values)))
+    assert np.max(_spectral_error(scaled.values, (scale * a).astype(np.float32))) < TOL32
     # Scaling is by a power of two: the result is the unit one times the scale.
-    rel = np.abs(np.asarray(w_scaled) / scale - w_unit) / np.abs(w_unit).max()
+    rel = np.abs(np.asarray(scaled.values) / scale - w_unit) / np.abs(w_unit).max()
     assert np.max(rel) < 1e-5
 
 
 def test_small_sizes_exact_formulas():
     a = np.array([[[3.5]]], np.float32)  # n = 1
-    np.testing.assert_array_equal(np.asarray(eigvals(a)), [[3.5 + 0j]])
+    np.testing.assert_array_equal(np.asarray(run(a).values), [[3.5 + 0j]])
     two = np.array(
         [[[0, -2], [2, 0]], [[1, 2], [3, 4]], [[1, 1e-30], [0, 1]], [[1e20, 1], [-1, 1e20]]],
         np.float32,
     )
-    w = np.asarray(eigvals(two))
+    w = np.asarray(run(two).values)
     np.testing.assert_allclose(w[0], [2j, -2j], atol=1e-6)
     assert np.max(_spectral_error(w, two)) < 1e-6
 
 
 def test_batch_shapes_and_dtypes():
     rng = np.random.default_rng(6)
-    a = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
-    w = eigvals(a)
-    assert w.shape == (2, 3, 5) and w.dtype == jnp.complex64
-    assert np.max(_spectral_error(w, a)) < TOL32
-    single = eigvals(a[0, 0])
-    assert single.shape == (5,)
-    np.testing.assert_allclose(np.asarray(single), np.asarray(w[0, 0]), rtol=1e-6, atol=1e-6)
+    a = rng.standard_normal((12, 12, 5, 5)).astype(np.float32)  # e.g. [layers, heads, n, n]
+    result = solve(a)
+    assert result.values.shape == (12, 12, 5) and result.values.dtype == jnp.complex64
+    assert result.converged.shape == result.iterations.shape == (12, 12)
+    assert np.max(_spectral_error(result.values, a)) < TOL32
+    one = rng.standard_normal((128, 128)).astype(np.float32)  # no batch axes
+    single = solve(one)
+    assert single.values.shape == (128,) and single.converged.shape == ()
+    batched = solve(one[None]).values[0]
+    np.testing.assert_allclose(np.asarray(single.values), np.asarray(batched), rtol=1e-6)
     for dtype in (jnp.bfloat16, jnp.float16):
         low = jnp.asarray(a, dtype)
-        w_low = eigvals(low)
+        w_low = solve(low).values
         assert w_low.dtype == jnp.complex64
         assert np.max(_spectral_error(w_low, np.asarray(low, np.float32))) < TOL32
-    assert eigvals(np.zeros((0, 4, 4), np.float32)).shape == (0, 4)
-    assert eigvals(np.zeros((3, 0, 0), np.float32)).shape == (3, 0)
+    for shape in ((0, 4, 4), (3, 0, 0)):
+        empty = solve(np.zeros(shape, np.float32), vectors=True)
+        assert empty.values.shape == shape[:-1] and empty.vectors.shape == shape
+        assert empty.converged.shape == empty.iterations.shape == shape[:-2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,36 +310,36 @@ def test_eig_residual(family):
     rng = np.random.default_rng(7)
     n = 16
     a = family(rng, 7, n).astype(np.float32)
-    w, v, converged = EIG(a)
-    assert v.shape == (7, n, n) and v.dtype == jnp.complex64
-    assert bool(jnp.all(converged))
-    w, v = np.asarray(w), np.asarray(v).astype(np.complex128)
+    result = run(a, vectors=True)
+    assert result.vectors.shape == (7, n, n) and result.vectors.dtype == jnp.complex64
+    assert bool(jnp.all(result.converged))
+    w, v = np.asarray(result.values), np.asarray(result.vectors).astype(np.complex128)
     a64 = a.astype(np.float64)
     norm = np.linalg.norm(a64, 2, axis=(-2, -1))[:, None]
     np.testing.assert_allclose(np.linalg.norm(v, axis=-2), 1, atol=1e-5)
     residual = np.linalg.norm(a64 @ v - v * w[:, None, :], axis=-2)
     assert np.max(residual / np.where(norm > 0, norm, 1)) < TOL32
     assert np.max(_spectral_error(w, a)) < TOL32
-    w_only = np.asarray(EIGVALS(a)[0])
+    w_only = np.asarray(run(a).values)
     np.testing.assert_allclose(w, w_only, atol=1e-5 * float(np.max(norm)) + 1e-30)
 
 
 def test_eig_vectors_match_numpy_for_distinct_eigenvalues():
     """Up to a unit phase, the vectors are NumPy's (when eigenvalues are well separated)."""
     rng = np.random.default_rng(8)
-    n = 8
+    n = 16
     d = np.arange(1, n + 1, dtype=np.float64)
     v0 = _orthogonal(rng, 3, n) @ (np.eye(n) + 0.3 * rng.standard_normal((3, n, n)) / n)
     a = (v0 @ (d[:, None] * np.linalg.inv(v0))).astype(np.float32)
-    w, v = eig(a)
+    result = run(a, vectors=True)
+    w, v = np.asarray(result.values), np.asarray(result.vectors)
     w_ref, v_ref = np.linalg.eig(a.astype(np.float64))
     for k in range(3):
-        order, order_ref = np.argsort(np.asarray(w[k]).real), np.argsort(w_ref[k].real)
-        x, y = np.asarray(v[k])[:, order], v_ref[k][:, order_ref]
+        order, order_ref = np.argsort(w[k].real), np.argsort(w_ref[k].real)
+        x, y = v[k][:, order], v_ref[k][:, order_ref]
         overlap = np.abs(np.sum(np.conj(x) * y, axis=0))
         np.testing.assert_allclose(overlap, 1, atol=1e-4)
     # Largest-magnitude entry of each vector is real and positive.
-    v = np.asarray(v)
     pivots = np.take_along_axis(v, np.argmax(np.abs(v), axis=1)[:, None, :], axis=1)
     assert np.all(pivots.real > 0) and np.allclose(pivots.imag, 0)
 
@@ -325,11 +348,11 @@ def test_eig_vectors_match_numpy_for_distinct_eigenvalues():
 def test_eig_sizes(n):
     rng = np.random.default_rng(n)
     a = random_gaussian(rng, 4, n).astype(np.float32)
-    w, v, converged = EIG(a)
-    assert bool(jnp.all(converged))
+    result = run(a, vectors=True)
+    assert bool(jnp.all(result.converged))
     a64 = a.astype(np.float64)
-    v = np.asarray(v).astype(np.complex128)
-    residual = np.linalg.norm(a64 @ v - v * np.asarray(w)[:, None, :], axis=-2)
+    v = np.asarray(result.vectors).astype(np.complex128)
+    residual = np.linalg.norm(a64 @ v - v * np.asarray(result.values)[:, None, :], axis=-2)
     assert np.max(residual / np.linalg.norm(a64, 2, axis=(-2, -1))[:, None]) < TOL32
 
 
@@ -338,9 +361,9 @@ def test_eig_nearly_defective_vectors_are_backward_stable():
     n = 6
     a = 2 * np.eye(n) + np.eye(n, k=1) + 1e-6 * np.random.default_rng(9).standard_normal((n, n))
     a = a.astype(np.float32)
-    w, v = eig(a)
-    v = np.asarray(v).astype(np.complex128)
-    residual = np.linalg.norm(a.astype(np.float64) @ v - v * np.asarray(w)[None, :], axis=0)
+    result = solve(a, vectors=True)
+    v = np.asarray(result.vectors).astype(np.complex128)
+    residual = np.linalg.norm(a.astype(np.float64) @ v - v * np.asarray(result.values), axis=0)
     assert np.all(np.isfinite(v))
     assert np.max(residual) < TOL32 * np.linalg.norm(a.astype(np.float64), 2)
 
@@ -352,20 +375,19 @@ def test_eig_nearly_defective_vectors_are_backward_stable():
 
 def test_jit_and_vmap_agree_with_batched_call():
     rng = np.random.default_rng(10)
-    a = random_gaussian(rng, 6, 16).astype(np.float32)
-    batched = np.asarray(eigvals(a))
-    jitted = np.asarray(jax.jit(eigvals)(a))
-    vmapped = np.asarray(jax.vmap(eigvals)(a))
-    nested = np.asarray(jax.jit(jax.vmap(jax.vmap(eigvals)))(a.reshape(2, 3, 16, 16)))
-    nested = nested.reshape(6, 16)
-    last_axis = np.asarray(jax.vmap(eigvals, in_axes=2)(np.moveaxis(a, 0, 2)))
-    for other in (jitted, vmapped, nested, last_axis):
+    a = random_gaussian(rng, _BATCH[16], 16).astype(np.float32)
+    batched = np.asarray(solve(a).values)
+    jitted = np.asarray(jax.jit(lambda a: solve(a).values)(a))
+    vmapped = jax.vmap(lambda x: solve(x, vectors=True))(a)
+    nested = jax.jit(jax.vmap(jax.vmap(lambda x: solve(x).values)))(a.reshape(12, 12, 16, 16))
+    nested = np.asarray(nested).reshape(-1, 16)
+    moved = np.moveaxis(a, 0, 2)
+    last_axis = jax.vmap(lambda x: solve(x, vectors=True).values, in_axes=2)(moved)
+    for other in (jitted, np.asarray(vmapped.values), nested, np.asarray(last_axis)):
         assert np.max(_spectral_error(other, a)) < TOL32
         np.testing.assert_allclose(np.sort_complex(other), np.sort_complex(batched), atol=1e-5)
-    w, v = jax.vmap(eig)(a)
-    residual = np.linalg.norm(
-        a.astype(np.float64) @ np.asarray(v) - np.asarray(v) * np.asarray(w)[:, None, :], axis=-2
-    )
+    w, v = np.asarray(vmapped.values), np.asarray(vmapped.vectors)
+    residual = np.linalg.norm(a.astype(np.float64) @ v - v * w[:, None, :], axis=-2)
     assert np.max(residual) < TOL32 * np.max(np.linalg.norm(a.astype(np.float64), 2, axis=(1, 2)))
 
 
@@ -383,15 +405,14 @@ def x64():
 def test_float64(x64, family):
     rng = np.random.default_rng(11)
     a = family(rng, 5, 24)
-    w, converged = jax.jit(eigvals_with_info)(jnp.asarray(a, jnp.float64))
-    assert w.dtype == jnp.complex128
-    assert bool(jnp.all(converged))
-    assert np.max(_spectral_error(w, a)) < TOL64
-    w, v = jax.jit(eig)(jnp.asarray(a, jnp.float64))
-    assert v.dtype == jnp.complex128
-    residual = np.linalg.norm(
-        a @ np.asarray(v) - np.asarray(v) * np.asarray(w)[:, None, :], axis=-2
-    )
+    result = solve(jnp.asarray(a, jnp.float64))
+    assert result.values.dtype == jnp.complex128
+    assert bool(jnp.all(result.converged))
+    assert np.max(_spectral_error(result.values, a)) < TOL64
+    result = solve(jnp.asarray(a, jnp.float64), vectors=True)
+    w, v = np.asarray(result.values), np.asarray(result.vectors)
+    assert v.dtype == np.complex128
+    residual = np.linalg.norm(a @ v - v * w[:, None, :], axis=-2)
     assert np.max(residual / np.linalg.norm(a, 2, axis=(-2, -1))[:, None]) < TOL64
 
 
@@ -402,37 +423,46 @@ def test_non_finite_input_gives_nan_without_hanging():
     a[1, 3, 4] = np.nan
     a[3, 0, 0] = np.inf
     a[4, 15, 2] = -np.inf
-    w, converged = EIGVALS(a)
-    np.testing.assert_array_equal(np.asarray(converged), [True, False, True, False, False])
-    w = np.asarray(w)
+    result = run(a)
+    np.testing.assert_array_equal(np.asarray(result.converged), [True, False, True, False, False])
+    w = np.asarray(result.values)
     assert np.all(np.isnan(w[[1, 3, 4]]))
     assert np.max(_spectral_error(w[[0, 2]], a[[0, 2]])) < TOL32
-    _, v, converged_v = EIG(a)
-    assert np.all(np.isnan(np.asarray(v)[[1, 3, 4]]))
-    assert np.all(np.isfinite(np.asarray(v)[[0, 2]]))
-    np.testing.assert_array_equal(np.asarray(converged_v), np.asarray(converged))
+    with_vectors = run(a, vectors=True)
+    v = np.asarray(with_vectors.vectors)
+    assert np.all(np.isnan(v[[1, 3, 4]]))
+    assert np.all(np.isfinite(v[[0, 2]]))
+    np.testing.assert_array_equal(with_vectors.converged, result.converged)
 
 
 def test_iteration_cap_flags_non_convergence():
     rng = np.random.default_rng(13)
-    a = random_gaussian(rng, 4, 32).astype(np.float32)
-    w, converged = eigvals_with_info(a, max_iterations=1)
-    assert not bool(jnp.any(converged))
-    assert np.all(np.isnan(np.asarray(w)))
-    w, converged = eigvals_with_info(a, max_iterations=40)
-    assert bool(jnp.all(converged))
+    a = random_gaussian(rng, 4, 16).astype(np.float32)
+    capped = run(a, max_iterations=1)
+    assert not bool(jnp.any(capped.converged))
+    assert np.all(np.isnan(np.asarray(capped.values)))
+    full = run(a, max_iterations=DEFAULT_MAX_ITERATIONS)
+    assert bool(jnp.all(full.converged))
+    assert np.all(np.asarray(capped.iterations) < np.asarray(full.iterations))
 
 
-@pytest.mark.parametrize("fn", [eigvals, eig])
-def test_export_for_tpu(fn):
+@pytest.mark.parametrize("vectors", [False, True])
+def test_export_for_tpu(vectors):
+    def fn(a):
+        result = solve(a, vectors=vectors)
+        return result.values, result.vectors
+
     spec = jax.ShapeDtypeStruct((4, 16, 16), jnp.float32)
     exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(spec)
     assert exported.platforms == ("tpu",)
     assert "lapack" not in exported.mlir_module().lower()
 
 
-@pytest.mark.parametrize("fn", [eigvals, eigvals_with_info, eig, eig_with_info])
-def test_bad_input(fn):
+@pytest.mark.parametrize("vectors", [False, True])
+def test_bad_input(vectors):
+    def fn(a, **kwargs):
+        return solve(a, vectors=vectors, **kwargs)
+
     with pytest.raises(ValueError, match=r"square matrix a \[\.\.\., n, n\], got shape \(3, 4\)"):
         fn(np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match=r"got shape \(5,\)"):
@@ -447,10 +477,12 @@ def test_bad_input(fn):
         fn(np.eye(3, dtype=np.float32), max_iterations=0)
     with pytest.raises(TypeError, match="max_iterations must be an int"):
         fn(np.eye(3, dtype=np.float32), max_iterations=2.5)
+    with pytest.raises(ValueError, match="bulges must be None or an int >= 1, got 0"):
+        fn(np.eye(3, dtype=np.float32), bulges=0)
 
 
 def test_entries_near_the_float32_maximum():
     a = jnp.diag(jnp.array([3e38, 1.0, 2.0], jnp.float32))[None]
-    w = np.sort(np.asarray(eigvals(a)).real[0])
+    w = np.sort(np.asarray(run(a).values).real[0])
     assert np.all(np.isfinite(w))  # within 1e-6 of the spectral norm; 1 and 2 are below that
     np.testing.assert_allclose(w, [1.0, 2.0, 3e38], rtol=0, atol=1e-6 * 3e38)

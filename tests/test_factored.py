@@ -120,8 +120,8 @@ def test_pytree_rebuild_accepts_any_leaves():
 @pytest.mark.parametrize(
     ("A", "B", "match"),
     [
-        (jnp.ones((4, 3), jnp.int32), jnp.ones((3, 5)), r"A must be a real floating.*int32"),
-        (jnp.ones((4, 3)), jnp.ones((3, 5), jnp.complex64), r"B must be a real floating.*complex"),
+        (jnp.ones((4, 3), jnp.int32), jnp.ones((3, 5)), r"factor A, got dtype int32.*astype"),
+        (jnp.ones((4, 3)), jnp.ones((3, 5), jnp.complex64), r"floating-point factor B.*complex"),
         (jnp.ones((4, 3)), jnp.ones((3, 5), jnp.bfloat16), r"share a dtype.*float32.*bfloat16"),
     ],
 )

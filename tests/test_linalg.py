@@ -5,13 +5,13 @@ import sys
 import textwrap
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _reference import (
     align_signs,
     assert_rel_close,
+    decomposition_operand_shapes,
     match_multiset,
     random_factors,
     singular_vector_rtol,
@@ -24,6 +24,7 @@ from jax.test_util import check_grads
 
 import lowrank
 from lowrank import FactoredMatrix, eig, eigvals, low_rank_approx, norm, svd, svdvals, trace
+from lowrank._deadlock import after, one_matrix_per_call
 
 LEAD = (2, 3)
 
@@ -256,11 +257,12 @@ def _ill_conditioned_batch():
 
 
 def test_ill_conditioned_factors_fall_back_to_householder_qr():
-    from lowrank.linalg import _SVDVALS_MAX_COND, _factor_cholesky, _Serial
+    from lowrank._deadlock import Serial
+    from lowrank.linalg import _SVDVALS_MAX_COND, _factor_cholesky
 
     A, B = _ill_conditioned_batch()
     M = FactoredMatrix(A, B)
-    _, cond = jax.jit(lambda M: _factor_cholesky(_Serial(), M))(M)
+    _, cond = jax.jit(lambda M: _factor_cholesky(Serial(), M))(M)
     assert not cond[2] <= _SVDVALS_MAX_COND and np.all(np.asarray(cond)[[0, 1, 3]] < 100)
     AB = dense(A, B)
     U_np, S_np, Vh_np = np.linalg.svd(AB, full_matrices=False)
@@ -375,7 +377,7 @@ def test_eigvals_and_eig_at_extreme_scales(scale):
         v64, w64 = _float64(v)[1:], _float64(w)[1:]
         _rel_close_in_units(dense(A, B)[1:] @ v64, v64 * w64[..., None, :], unit, "A B v = w v")
     # The pure-JAX solver (used off CPU) scales its input itself.
-    pure = lowrank.eigensolver.eigvals(jnp.asarray(core, jnp.float32))
+    pure = lowrank.eigensolver.solve(jnp.asarray(core, jnp.float32)).values
     _rel_close_in_units(match_multiset(pure, expected), expected, unit, what="pure-JAX solver")
     x = np.random.default_rng(31).standard_normal((2, 6, 6)).astype(np.float32) * unit
     expected = np.linalg.eigvals(x.astype(np.float64))
@@ -517,7 +519,9 @@ def test_bad_dense_inputs(fn):
         fn(jnp.ones((3, 3), jnp.complex64))
     with pytest.raises(ValueError, match=rf"{fn.__name__}: expected a matrix.*\(3,\)"):
         fn(jnp.ones((3,)))
-    with pytest.raises(TypeError, match=rf"{fn.__name__}: expected a FactoredMatrix or an array"):
+    with pytest.raises(
+        TypeError, match=rf"{fn.__name__}: expected a FactoredMatrix or an array.*got list"
+    ):
         fn([[1.0, 2.0], [3.0, 4.0]])
 
 
@@ -558,34 +562,50 @@ def test_svd_path_cannot_deadlock_on_two_cores():
     assert result.stdout.strip() == "ok"
 
 
-_LAPACK_PRIMITIVES = {"svd", "geqrf", "householder_product", "cholesky", "triangular_solve", "eig"}
-
-
-def _lapack_operand_shapes(jaxpr):
-    """Operand shapes of every decomposition in a jaxpr, sub-jaxprs (scan, cond, jit) included."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _LAPACK_PRIMITIVES:
-            shapes.append(tuple(eqn.invars[0].aval.shape))
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            shapes += _lapack_operand_shapes(sub)
-    return shapes
+def _svdvals_grad(M):
+    return jax.grad(lambda M: jnp.sum(svdvals(M)))(M)
 
 
 @pytest.mark.parametrize(
-    "fn", [svd, svdvals, eigvals, eig], ids=["svd", "svdvals", "eigvals", "eig"]
+    "fn",
+    [svd, svdvals, eigvals, eig, _svdvals_grad, jax.vmap(svd)],
+    ids=["svd", "svdvals", "eigvals", "eig", "svdvals_grad", "vmap_svd"],
 )
 def test_one_matrix_per_lapack_call(fn):
-    """Inside lapack_one_matrix_at_a_time every decomposition sees a single matrix, and the
-    results do not change (what sharded programs on multi-device CPU meshes rely on)."""
+    """With one_matrix_per_call every decomposition sees a single matrix (derivatives and nested
+    transformations included), and the results do not change: what sharded programs on
+    multi-device CPU meshes rely on."""
     M = FactoredMatrix(*random_factors(np.random.default_rng(3), LEAD, 20, 6, 20))
-    batched = _lapack_operand_shapes(jax.make_jaxpr(fn)(M).jaxpr)
-    assert any(len(shape) > 2 for shape in batched)
-    with lowrank.linalg.lapack_one_matrix_at_a_time():  # a new function: jax caches traces
-        looped = jax.make_jaxpr(lambda M: fn(M))(M)
-        got = jax.jit(lambda M: fn(M))(M)
-    shapes = _lapack_operand_shapes(looped.jaxpr)
+    expected = jax.jit(fn)(M)  # cached traces of fn must not matter
+    assert any(len(s) > 2 for s in decomposition_operand_shapes(jax.make_jaxpr(fn)(M).jaxpr))
+    looped = one_matrix_per_call(fn)
+    shapes = decomposition_operand_shapes(jax.make_jaxpr(looped)(M).jaxpr)
     assert shapes and all(len(shape) == 2 for shape in shapes), shapes
     # the same LAPACK routine on the same matrices: the same numbers, vectors included
-    for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(fn(M)), strict=True):
+    got = jax.jit(looped)(M)
+    for g, e in zip(
+        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True
+    ):
         assert_rel_close(g, e, rtol=1e-5)
+
+
+def test_one_matrix_per_call_differentiates_looped():
+    M = FactoredMatrix(*random_factors(np.random.default_rng(4), LEAD, 20, 6, 20))
+    looped = one_matrix_per_call(svdvals)
+    grad = jax.grad(lambda M: jnp.sum(looped(M)))
+    shapes = decomposition_operand_shapes(jax.make_jaxpr(grad)(M).jaxpr)
+    assert shapes and all(len(shape) == 2 for shape in shapes), shapes
+    for g, e in zip(
+        jax.tree_util.tree_leaves(grad(M)), jax.tree_util.tree_leaves(_svdvals_grad(M)), strict=True
+    ):
+        assert_rel_close(g, e, rtol=1e-5)
+
+
+def test_after_is_exact_and_nan_safe():
+    """``after`` ties ``x`` to its dependencies with an exact zero: NaN or empty ones included."""
+    x = jnp.array([1.5, -2.0, jnp.inf])
+    deps = (jnp.array([jnp.nan, 1.0]), jnp.zeros((0,)))
+    np.testing.assert_array_equal(jax.jit(after)(x, *deps), x)
+    closed = jax.make_jaxpr(after)(x, *deps)
+    dep = closed.jaxpr.invars[1]
+    assert any(v is dep for eqn in closed.eqns for v in eqn.invars)

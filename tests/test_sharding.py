@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import assert_rel_close
+from _reference import assert_rel_close, decomposition_operand_shapes
 from conftest import published_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -94,6 +94,16 @@ def test_per_head_analyses(model, sharded_model, mesh, name):
     if jnp.iscomplexobj(got):  # eigenvalues of one head can come out in another order
         got, expected = jnp.sort_complex(got), jnp.sort_complex(expected)
     assert_rel_close(got, expected, rtol=1e-5, what=name)
+
+
+def test_sharded_decompositions_take_one_matrix_per_lapack_call(model, mesh):
+    """On a multi-device CPU mesh (8 devices here) concurrent batched LAPACK calls can deadlock
+    jaxlib 0.10: sharded programs decompose one matrix per call, whatever fn traced before."""
+    fn = HEAD_ANALYSES["OV_svd"]
+    assert any(len(s) > 2 for s in decomposition_operand_shapes(jax.make_jaxpr(fn)(model).jaxpr))
+    traced = jax.make_jaxpr(sharding.sharded(fn, mesh, sharding.PER_HEAD))(model)
+    shapes = decomposition_operand_shapes(traced.jaxpr)
+    assert shapes and all(len(shape) == 2 for shape in shapes), shapes
 
 
 @pytest.mark.parametrize("kind", ["Q", "K", "V"])

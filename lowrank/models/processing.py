@@ -20,7 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank.models._common import Params
+from lowrank._deadlock import Serial
+from lowrank._util import HIGHEST, upcast
+from lowrank.factored import FactoredMatrix
+from lowrank.linalg import svd
+from lowrank.models._common import LN_PATHS, Params, lookup, updated
 
 __all__ = [
     "center_unembed",
@@ -32,43 +36,12 @@ __all__ = [
     "refactor_factored_attn_matrices",
 ]
 
-_LN_PATHS = ("blocks.ln1", "blocks.ln2", "ln_final")
-
 
 def _get(params: Params, path: str, fn: str) -> Any:
-    node: Any = params
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"{fn}: params has no entry {path!r} (is it a lowrank tree?)")
-        node = node[part]
+    node = lookup(params, path)
+    if node is None:
+        raise ValueError(f"{fn}: params has no entry {path!r} (is it a lowrank tree?)")
     return node
-
-
-def _updated(params: Params, updates: dict[str, Any], remove: tuple[str, ...] = ()) -> Params:
-    """A copy of ``params`` with dotted ``updates`` set and ``remove`` paths deleted.
-
-    Only the dicts on the changed paths are copied; untouched arrays are shared.
-    """
-    out = dict(params)
-    copied: set[tuple[str, ...]] = set()
-
-    def parent(parts: list[str]) -> dict[str, Any]:
-        node = out
-        for i, part in enumerate(parts):
-            key = tuple(parts[: i + 1])
-            if key not in copied:
-                node[part] = dict(node[part])
-                copied.add(key)
-            node = node[part]
-        return node
-
-    for path, value in updates.items():
-        *head, leaf = path.split(".")
-        parent(head)[leaf] = value
-    for path in remove:
-        *head, leaf = path.split(".")
-        parent(head).pop(leaf, None)
-    return out
 
 
 def _zeros_like(x: Any) -> Any:
@@ -94,7 +67,7 @@ def _einsum(spec: str, *operands: Any) -> Any:
     """A contraction without a full-size temporary; float32-exact on every backend."""
     if all(isinstance(x, np.ndarray) for x in operands):
         return np.einsum(spec, *operands)
-    return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(spec, *operands, precision=HIGHEST)
 
 
 def is_layer_norm_folded(params: Params) -> bool:
@@ -103,23 +76,14 @@ def is_layer_norm_folded(params: Params) -> bool:
     Raises:
         ValueError: some LayerNorm entries are present and others are not.
     """
-    present = [p for p in _LN_PATHS if _has(params, p)]
-    if present and len(present) != len(_LN_PATHS):
-        missing = [p for p in _LN_PATHS if p not in present]
+    present = [p for p in LN_PATHS if lookup(params, p) is not None]
+    if present and len(present) != len(LN_PATHS):
+        missing = [p for p in LN_PATHS if p not in present]
         raise ValueError(
             f"params has LayerNorm entries {present} but not {missing}: either all "
             "LayerNorms carry weights or all are folded"
         )
     return not present
-
-
-def _has(params: Params, path: str) -> bool:
-    node: Any = params
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def fold_layer_norm(params: Params, *, center_weights: bool = True) -> Params:
@@ -158,7 +122,7 @@ def fold_layer_norm(params: Params, *, center_weights: bool = True) -> Params:
     W_U = _get(params, "unembed.W_U", fn)  # [d, V]
     updates["unembed.b_U"] = _get(params, "unembed.b_U", fn) + _einsum("dv,d->v", W_U, bf)
     updates["unembed.W_U"] = _scale_centre(W_U, wf[:, None], -2, center_weights)
-    return _updated(params, updates, remove=_LN_PATHS)
+    return updated(params, updates, remove=LN_PATHS)
 
 
 def center_writing_weights(params: Params) -> Params:
@@ -177,7 +141,7 @@ def center_writing_weights(params: Params) -> Params:
         "blocks.mlp.W_out",
         "blocks.mlp.b_out",
     )
-    return _updated(params, {p: _centre(_get(params, p, fn), -1) for p in paths})
+    return updated(params, {p: _centre(_get(params, p, fn), -1) for p in paths})
 
 
 def center_unembed(params: Params) -> Params:
@@ -186,7 +150,7 @@ def center_unembed(params: Params) -> Params:
     Changes the logits by a per-position constant; log-probabilities are unchanged.
     """
     fn = "center_unembed"
-    return _updated(
+    return updated(
         params,
         {
             "unembed.W_U": _centre(_get(params, "unembed.W_U", fn), -1),
@@ -205,7 +169,7 @@ def fold_value_biases(params: Params) -> Params:
     b_V = _get(params, "blocks.attn.b_V", fn)  # [L, H, dh]
     W_O = _get(params, "blocks.attn.W_O", fn)  # [L, H, dh, d]
     b_O = _get(params, "blocks.attn.b_O", fn)  # [L, d]
-    return _updated(
+    return updated(
         params,
         {
             "blocks.attn.b_O": b_O + _einsum("lhe,lhed->ld", b_V, W_O),
@@ -214,25 +178,12 @@ def fold_value_biases(params: Params) -> Params:
     )
 
 
-def _svd(A: Any, B: Any, dep: Any = None) -> tuple[Any, Any, Any]:
-    """Thin SVD of ``A @ B`` from the factors: NumPy for NumPy input, else ``lowrank.svd``.
-
-    ``dep`` (jax path) is an array the decomposition is made to wait for, so that two
-    batched LAPACK calls in one jitted program never run at once (README, Development).
-    """
-    if isinstance(A, np.ndarray) and isinstance(B, np.ndarray):
-        Qa, Ra = np.linalg.qr(A)
-        Qb, Rb = np.linalg.qr(np.swapaxes(B, -1, -2))
-        Uc, S, Vhc = np.linalg.svd(Ra @ np.swapaxes(Rb, -1, -2), full_matrices=False)
-        return Qa @ Uc, S, Vhc @ np.swapaxes(Qb, -1, -2)
-    from lowrank.factored import FactoredMatrix
-    from lowrank.linalg import svd
-
-    A, B = jnp.asarray(A), jnp.asarray(B)
-    if dep is not None:
-        tie = jnp.reshape(dep, (-1,))[0].astype(A.dtype)
-        A = A + 0 * tie
-    return svd(FactoredMatrix(A, B))
+def _svd(run: Serial, A: Any, B: Any) -> tuple[Any, Any, Any]:
+    """:func:`lowrank.svd` of ``FactoredMatrix(A, B)``, after ``run``'s previous decomposition
+    (two at once can deadlock jaxlib's CPU kernels); NumPy arrays for NumPy factors."""
+    host = isinstance(A, np.ndarray) and isinstance(B, np.ndarray)
+    U, S, Vh = run(lambda A, B: svd(FactoredMatrix(A, B)), jnp.asarray(A), jnp.asarray(B))
+    return (np.asarray(U), np.asarray(S), np.asarray(Vh)) if host else (U, S, Vh)
 
 
 def refactor_factored_attn_matrices(params: Params) -> Params:
@@ -248,15 +199,16 @@ def refactor_factored_attn_matrices(params: Params) -> Params:
     xp = np if all(isinstance(get(p), np.ndarray) for p in ("W_Q", "W_K", "b_Q", "b_K")) else jnp
     W_Q_eff = xp.concatenate([get("W_Q"), get("b_Q")[..., None, :]], axis=-2)  # [L,H,d+1,dh]
     W_K_eff = xp.concatenate([get("W_K"), get("b_K")[..., None, :]], axis=-2)
-    U, S, Vh = _svd(W_Q_eff, xp.swapaxes(W_K_eff, -1, -2))
+    run = Serial()
+    U, S, Vh = _svd(run, W_Q_eff, xp.swapaxes(W_K_eff, -1, -2))
     root = xp.sqrt(S)
     Q_even = U * root[..., None, :]
     K_even = xp.swapaxes(root[..., :, None] * Vh, -1, -2)
 
     b_V, W_O = get("b_V"), get("W_O")
     b_O = get("b_O") + _einsum("lhe,lhed->ld", b_V, W_O)
-    U, S, Vh = _svd(get("W_V"), W_O, dep=K_even)
-    return _updated(
+    U, S, Vh = _svd(run, get("W_V"), W_O)
+    return updated(
         params,
         {
             "blocks.attn.W_Q": Q_even[..., :-1, :],
@@ -288,7 +240,7 @@ def process_params(
     cast back, as TransformerLens does.
     """
     dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
-    params = jax.tree_util.tree_map(_upcast, params)
+    params = jax.tree_util.tree_map(upcast, params)
     if fold_ln:
         params = _fold_layer_norm(params)
     if center_writing_weights:
@@ -299,16 +251,10 @@ def process_params(
         params = _fold_value_biases(params)
         if center_writing_weights:
             b_O = _get(params, "blocks.attn.b_O", "process_params")
-            params = _updated(params, {"blocks.attn.b_O": _centre(b_O, -1)})
+            params = updated(params, {"blocks.attn.b_O": _centre(b_O, -1)})
     if refactor_factored_attn_matrices:
         params = _refactor_factored_attn_matrices(params)
     return _restore_dtypes(params, dtypes)
-
-
-def _upcast(x: Any) -> Any:
-    if x.dtype in (jnp.bfloat16, jnp.float16):
-        return x.astype(np.float32)
-    return x
 
 
 def _restore_dtypes(params: Params, dtypes: Any) -> Params:
