@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from lowrank.models import EMBEDDED_MODEL
+# lowrank.models.EMBEDDED_MODEL, written out so that --help does not import jax (tested).
+EMBEDDED_MODEL = "induction-2l"
 
 DESCRIPTION = """\
 Analyse the weights of a GPT-2 or GPT-Neo model head by head: copying scores of the OV and
@@ -251,6 +253,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # transformers advises at import that torch is missing, which the analyses never need.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:

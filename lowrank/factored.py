@@ -669,3 +669,9 @@ def _from_state_dict(M: FactoredMatrix, state: dict[str, Any]) -> FactoredMatrix
 
 
 flax.serialization.register_serialization_state(FactoredMatrix, _to_state_dict, _from_state_dict)
+
+
+# The implementations register themselves on the functions above when lowrank.linalg is
+# imported; import it here so that any way of reaching FactoredMatrix has them. (linalg imports
+# this module, which is complete by now.)
+from lowrank import linalg as _linalg  # noqa: E402, F401

@@ -440,3 +440,31 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: cannot join the distributed job")
     assert result.stderr.count("\n") == 1
+
+
+HELP_IMPORTS = """
+import runpy, sys
+sys.argv = ["lowrank", *sys.argv[1:]]
+try:
+    runpy.run_module("lowrank", run_name="__main__")
+except SystemExit:
+    pass
+heavy = ("jax", "flax", "numpy", "transformers", "matplotlib", "torch")
+print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["report", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    """``--help`` answers at once: jax, transformers and matplotlib load only for real work."""
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_IMPORTS, *argv], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_cli_default_is_the_embedded_model():
+    from lowrank import cli
+    from lowrank.models import EMBEDDED_MODEL
+
+    assert cli.EMBEDDED_MODEL == EMBEDDED_MODEL

@@ -27,3 +27,11 @@ def test_referenced_files_exist_in_the_project():
                 if ref.split("/")[-1] not in names and ref not in project_files:
                     missing.append(f"{source.relative_to(ROOT)}:{number}: {ref}")
     assert not missing, "references to files outside the project:\n" + "\n".join(missing)
+
+
+def test_lazy_public_api_is_complete():
+    import lowrank
+
+    assert set(lowrank.__all__) == set(lowrank._EXPORTS)
+    for name in lowrank.__all__:
+        assert getattr(lowrank, name) is not None, name
