@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from _reference import align_signs, assert_rel_close, singular_vector_rtol, to_numpy
 
 from lowrank import FactoredMatrix, circuits
@@ -47,6 +46,7 @@ CASES = [("OV", 1, 2), ("OV", 2, 0), ("w_in", 0, None), ("w_out", 2, None)]
 
 @pytest.mark.parametrize(("kind", "layer", "head"), CASES)
 def test_svd_directions_match_transformer_lens(models, kind, layer, head):
+    import torch
     from transformer_lens import SVDInterpreter
 
     ours, tl = models
