@@ -65,6 +65,7 @@ def _sequential_work(result: EigResult, n: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    """Run the benchmark from the command line and print (or write) the results as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=144)
     parser.add_argument("--n", type=int, default=64)

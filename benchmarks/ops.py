@@ -24,8 +24,10 @@ F32 = 4  # bytes
 
 @dataclasses.dataclass
 class TorchSide:
-    """The TransformerLens inputs: stacked attention weights, embeddings and tokens as torch
-    tensors made from the same NumPy arrays as the lowrank model."""
+    """The TransformerLens inputs: stacked attention weights, embeddings and tokens.
+
+    They are torch tensors made from the same NumPy arrays as the lowrank model.
+    """
 
     weights: Weights
     device: str
@@ -48,11 +50,13 @@ class TorchSide:
         return hooked_transformer(self.weights, self.device)
 
     def OV(self) -> Any:
+        """The OV circuits ``W_V @ W_O`` as a TransformerLens ``FactoredMatrix``."""
         from transformer_lens import FactoredMatrix
 
         return FactoredMatrix(self.W_V, self.W_O)
 
     def QK(self) -> Any:
+        """The QK circuits ``W_Q @ W_K^T`` as a TransformerLens ``FactoredMatrix``."""
         from transformer_lens import FactoredMatrix
 
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
@@ -97,8 +101,11 @@ def rel_error(a: Any, b: Any, axis: Any = None) -> float:
 
 
 def eig_error(a: Any, b: Any) -> float:
-    """Eigenvalues as multisets per head: sorted moduli and sorted real parts, relative to the
-    head's spectral radius (sorting complex numbers directly mis-pairs near-ties)."""
+    """Max error between two sets of eigenvalues, compared as multisets per head.
+
+    Compares sorted moduli and sorted real parts, relative to the head's spectral radius
+    (sorting complex numbers directly mis-pairs near-ties).
+    """
     a, b = _f64(a), _f64(b)
     radius = np.maximum(np.max(np.abs(b), axis=-1, keepdims=True), np.finfo(np.float32).tiny)
     moduli = np.abs(np.sort(np.abs(a), axis=-1) - np.sort(np.abs(b), axis=-1))
@@ -107,8 +114,11 @@ def eig_error(a: Any, b: Any) -> float:
 
 
 def svd_error(a: Any, b: Any) -> float:
-    """Singular values per head, and ``U diag(S) V^T x`` for random probes ``x`` (invariant to
-    the signs and rotations of singular vectors that an SVD may choose)."""
+    """Max error between two SVDs: singular values per head, and ``U diag(S) V^T x``.
+
+    ``x`` are random probes, which makes the comparison invariant to the signs and rotations of
+    singular vectors that an SVD may choose.
+    """
     (U1, S1, Vh1), (U2, S2, V2) = [[np.asarray(x, dtype=np.float32) for x in r] for r in (a, b)]
     x = np.random.default_rng(0).standard_normal((Vh1.shape[-1], 8)).astype(np.float32)
     y1 = U1 @ (S1[..., :, None] * (Vh1 @ x))
@@ -126,6 +136,7 @@ def _numpy(x: Any) -> Any:
 
 
 def compare(op: Op, ours: Any, theirs: Any) -> float:
+    """Max relative error between the lowrank and TransformerLens results of ``op``."""
     return op.compare(_numpy(ours), _numpy(theirs))
 
 

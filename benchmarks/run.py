@@ -66,6 +66,7 @@ def default_machine_name() -> str:
 
 
 def machine_info(name: str, torch_device: str) -> dict[str, Any]:
+    """Describe the machine and library versions for the report's ``machine`` entry."""
     import torch
 
     import lowrank
@@ -141,6 +142,7 @@ class Runner:
         return None
 
     def run_op(self, op: Op, shape: str, model: Any, tokens: Any, torch_side: TorchSide) -> dict:
+        """Time ``op`` on both libraries and compare the results; errors become the record's."""
         record: dict[str, Any] = {"shape": shape, "op": op.name, "notes": []}
         ours = theirs = None
         try:
@@ -184,6 +186,7 @@ def _tokens(config: Any, batch: int, seq: int, seed: int) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the selected ops on the selected shapes and return the report."""
     import torch
 
     torch.set_num_threads(args.torch_threads)
@@ -281,6 +284,7 @@ def _side_notes(record: dict) -> list[str]:
 
 
 def summary_line(record: dict) -> str:
+    """One progress line for a result record: timings, speed-up and agreement."""
     lr, tl = record.get("lowrank") or {}, record.get("reference") or {}
     text = (
         f"{record['op']}: lowrank {_ms(lr.get('median_s'))} ms, TL {_ms(tl.get('median_s'))} ms, "
@@ -291,6 +295,7 @@ def summary_line(record: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+    """Render the report as a Markdown page."""
     m, s = report["machine"], report["settings"]
     lines = [
         f"# lowrank vs TransformerLens on `{m['name']}`",
@@ -326,6 +331,11 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out_dir: Path, merge: bool) -> tuple[Path, Path]:
+    """Write the report's JSON and Markdown files and return their paths.
+
+    With ``merge``, results already in the JSON file are kept unless this report has newer
+    ones for the same shape and op.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{report['machine']['name']}.json"
     if merge and json_path.exists():
@@ -357,6 +367,7 @@ def _list(choices: Sequence[str]) -> Any:
 
 
 def parser() -> argparse.ArgumentParser:
+    """Build the command-line parser."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument(
         "--shapes",
@@ -407,6 +418,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks from the command line ``argv`` and return the exit status."""
     args = parser().parse_args(argv)
     if args.markdown_only:
         report = json.loads(args.markdown_only.read_text())

@@ -85,6 +85,7 @@ class Weights:
         }
 
     def lowrank_model(self) -> TransformerModel:
+        """A lowrank ``TransformerModel`` with these weights, on the default device."""
         return TransformerModel(params=jax.device_put(self.params), config=self.config)
 
 
@@ -130,6 +131,7 @@ def embedded_weights() -> Weights:
 
 
 def build_weights(name: str, seed: int = 0) -> Weights:
+    """Weights for the shape ``name``: the embedded model's, or random ones (from ``seed``)."""
     if name == EMBEDDED:
         return embedded_weights()
     if name not in SHAPES:

@@ -81,8 +81,10 @@ class Serial:
 
 
 def one_matrix_per_call(fn: Callable[..., R]) -> Callable[..., R]:
-    """``fn`` with every decomposition in it (nested jits, conds and loops included) applied one
-    matrix at a time, in a ``lax.map`` over its batch axes. Same results, derivatives too.
+    """Wrap ``fn`` so that its decompositions run one matrix at a time.
+
+    Every decomposition in ``fn`` (nested jits, conds and loops included) is applied in a
+    ``lax.map`` over its batch axes. Same results, derivatives too.
 
     The rewrite acts on the traced program of ``fn``, so no trace of ``fn`` made elsewhere (and
     cached by jax) is affected.

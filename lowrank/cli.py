@@ -40,6 +40,7 @@ report failed (the previous report is left unchanged)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the ``python -m lowrank`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="python -m lowrank", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     report = sub.add_parser(
@@ -252,6 +253,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     # transformers advises at import that torch is missing, which the analyses never need.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

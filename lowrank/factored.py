@@ -83,26 +83,32 @@ class FactoredMatrix:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape ``(*batch_shape, ldim, rdim)`` of the product ``A @ B``."""
         return (*self.batch_shape, self.ldim, self.rdim)
 
     @property
     def ndim(self) -> int:
+        """Number of axes of the product, batch axes included."""
         return len(self.shape)
 
     @property
     def ldim(self) -> int:
+        """Number of rows ``l`` of the product (rows of ``A``)."""
         return int(self.A.shape[-2])
 
     @property
     def mdim(self) -> int:
+        """Inner dimension ``m`` shared by the factors (the rank bound)."""
         return int(self.A.shape[-1])
 
     @property
     def rdim(self) -> int:
+        """Number of columns ``r`` of the product (columns of ``B``)."""
         return int(self.B.shape[-1])
 
     @property
     def dtype(self) -> Any:
+        """Dtype of the factor ``A``."""
         return self.A.dtype
 
     @property
@@ -238,10 +244,12 @@ class FactoredMatrix:
 
     @property
     def U(self) -> Array:
+        """Left singular vectors as columns: ``[..., l, k]``."""
         return self.svd()[0]
 
     @property
     def S(self) -> Array:
+        """Singular values ``[..., k]`` in descending order."""
         return svdvals(self)
 
     @property
@@ -256,15 +264,19 @@ class FactoredMatrix:
 
     @property
     def eigenvalues(self) -> Array:
+        """Eigenvalues of the square matrix, as :func:`eigvals` returns them."""
         return eigvals(self)
 
     def eig(self) -> tuple[Array, Array]:
+        """Eigenvalues and unit right eigenvectors, as :func:`eig` returns them."""
         return eig(self)
 
     def norm(self) -> Array:
+        """Frobenius norm ``[...]`` of the product."""
         return norm(self)
 
     def trace(self) -> Array:
+        """Trace ``[...]`` of the square product."""
         return trace(self)
 
     def collapse_l(self) -> Array:
@@ -294,8 +306,9 @@ def _unsupported(fn: str, x: Any) -> TypeError:
 
 @functools.singledispatch
 def svd(M: Any) -> tuple[Array, Array, Array]:
-    """Thin SVD ``M == U @ diag(S) @ Vh`` of a FactoredMatrix ``A @ B`` (never formed) or an
-    array ``[..., l, r]``.
+    """Thin SVD ``M == U @ diag(S) @ Vh`` of a FactoredMatrix or an array.
+
+    ``M`` is a FactoredMatrix ``A @ B`` (the product is never formed) or an array ``[..., l, r]``.
 
     Returns:
         ``U: [..., l, k]``, ``S: [..., k]`` (descending), ``Vh: [..., k, r]`` with
@@ -308,8 +321,10 @@ def svd(M: Any) -> tuple[Array, Array, Array]:
 
 @functools.singledispatch
 def svdvals(M: Any) -> Array:
-    """Singular values ``[..., min(l, m, r)]`` in descending order, differentiable as
-    ``ds_i = u_i^T dM v_i`` (finite for rank-deficient factors)."""
+    """Singular values ``[..., min(l, m, r)]`` in descending order.
+
+    Differentiable as ``ds_i = u_i^T dM v_i`` (finite for rank-deficient factors).
+    """
     raise _unsupported("svdvals", M)
 
 
@@ -336,8 +351,10 @@ def eig(M: Any) -> tuple[Array, Array]:
 
 @functools.singledispatch
 def norm(M: Any) -> Array:
-    """Frobenius norm ``[...]`` without an SVD, accurate wherever it is representable; its
-    gradient at zero is zero (a subgradient)."""
+    """Frobenius norm ``[...]``, computed without an SVD.
+
+    Accurate wherever it is representable; its gradient at zero is zero (a subgradient).
+    """
     raise _unsupported("norm", M)
 
 

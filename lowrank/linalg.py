@@ -34,8 +34,11 @@ def _pow2(e: Array, dtype: Any) -> Array:
 
 
 def _unit_scale(x: Array) -> tuple[Array, Array]:
-    """``(x * 2**-e, e)`` per matrix, ``e`` chosen (without gradient) so that the largest entry
-    lies in ``[0.5, 1)``: exact, and ``e = 0`` for zero or non-finite matrices."""
+    """Scale each matrix by a power of two: ``(x * 2**-e, e)``.
+
+    ``e`` is chosen (without gradient) so that the largest entry lies in ``[0.5, 1)``: exact,
+    and ``e = 0`` for zero or non-finite matrices.
+    """
     info = jnp.finfo(x.dtype)
     amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=(-2, -1)))
     _, e = jnp.frexp(jnp.where(jnp.isfinite(amax), amax, 0))
@@ -44,8 +47,11 @@ def _unit_scale(x: Array) -> tuple[Array, Array]:
 
 
 def _scale_back(y: Array, e: Array) -> Array:
-    """``y * 2**e`` (real or complex) in two exact steps, so ``|e|`` may reach twice the
-    exponent range without an intermediate overflow or underflow."""
+    """``y * 2**e`` (real or complex), undoing :func:`_unit_scale`.
+
+    Done in two exact steps, so ``|e|`` may reach twice the exponent range without an
+    intermediate overflow or underflow.
+    """
     real = jnp.finfo(y.dtype).dtype
     a, b = _pow2(e // 2, real), _pow2(e - e // 2, real)
     if jnp.iscomplexobj(y):
@@ -65,8 +71,11 @@ def _as_dense(x: Any, fn: str) -> Array:
 def _register(
     generic: Callable[..., R], factored: Callable[[FactoredMatrix], R], dense: Callable[[Array], R]
 ) -> None:
-    """Implement ``generic`` by ``factored`` for a FactoredMatrix and by ``dense`` for jax and
-    NumPy arrays (checked to be real floating-point matrices); half precision is upcast."""
+    """Implement ``generic`` by ``factored`` and ``dense``.
+
+    ``factored`` serves a FactoredMatrix, ``dense`` jax and NumPy arrays (checked to be real
+    floating-point matrices); half precision is upcast.
+    """
     name = getattr(generic, "__name__", "")
     generic.register(  # type: ignore[attr-defined]
         FactoredMatrix, lambda M: factored(jax.tree_util.tree_map(upcast, M))
@@ -81,8 +90,11 @@ def _require_square(shape: tuple[int, ...], fn: str) -> None:
 
 
 def _thin_svd(x: Array) -> tuple[Array, Array, Array]:
-    """Thin SVD; on CPU with LAPACK's QR iteration (gesvd), ~4x faster than the default
-    divide and conquer (gesdd) on batches of small cores."""
+    """Thin SVD of a dense matrix.
+
+    On CPU it uses LAPACK's QR iteration (gesvd), ~4x faster than the default divide and
+    conquer (gesdd) on batches of small cores.
+    """
 
     def qr_iteration(x: Array) -> tuple[Array, Array, Array]:
         algorithm = jax.lax.linalg.SvdAlgorithm.QR
@@ -155,10 +167,12 @@ _SVD_MAX_DEFECT = 0.5
 
 @jax.custom_jvp
 def _factored_svd(M: FactoredMatrix) -> tuple[Array, Array, Array]:
-    """Thin SVD from the factors: they are orthogonalised (Cholesky QR2, or Householder QR when a
-    factor is too ill-conditioned for it) and the ``m x m`` core ``Ra @ Rb^T`` is decomposed;
-    ``A @ B`` is never formed. Gradients are finite for rank-deficient factors too (see
-    :func:`_factored_svd_jvp`)."""
+    """Thin SVD of a FactoredMatrix computed from its factors, never forming ``A @ B``.
+
+    The factors are orthogonalised (Cholesky QR2, or Householder QR when a factor is too
+    ill-conditioned for it) and the ``m x m`` core ``Ra @ Rb^T`` is decomposed. Gradients are
+    finite for rank-deficient factors too (see :func:`_factored_svd_jvp`).
+    """
     run = Serial()
 
     def householder() -> tuple[Array, Array, Array]:
@@ -192,8 +206,9 @@ def _tangent_times_v(M: FactoredMatrix, dM: FactoredMatrix, V: Array) -> Array:
 def _factored_svd_jvp(
     primals: tuple[FactoredMatrix], tangents: tuple[FactoredMatrix]
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
-    """The thin-SVD derivative (as ``jnp.linalg.svd``'s, with ``I - U U^T`` terms on both sides)
-    from the factors.
+    """Compute the thin-SVD derivative from the factors.
+
+    The derivative is ``jnp.linalg.svd``'s, with ``I - U U^T`` terms on both sides.
 
     Autodiff through the algorithm would differentiate a Cholesky or QR of a singular Gram
     matrix or factor (NaN for a zero-ablated head). The singular values' derivative
@@ -244,9 +259,12 @@ def _dense_svdvals_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[A
 
 @jax.custom_jvp
 def _factored_svdvals(M: FactoredMatrix) -> Array:
-    """Singular values from the Cholesky factors of the Gram matrices ``A^T A`` and ``B B^T``
+    """Singular values of a FactoredMatrix, computed from its factors.
+
+    They come from the Cholesky factors of the Gram matrices ``A^T A`` and ``B B^T``
     (``m x m``, matmul-fast) when both factors are well conditioned, else from Householder QR.
-    Differentiated as ``ds_i = u_i^T dX v_i`` (finite for rank-deficient factors)."""
+    Differentiated as ``ds_i = u_i^T dX v_i`` (finite for rank-deficient factors).
+    """
     run = Serial()
 
     def householder() -> Array:
@@ -271,8 +289,11 @@ def _factored_svdvals_jvp(
 
 
 def _eigvals(x: Array) -> Array:
-    """LAPACK's ``geev`` on CPU; the batched pure-JAX solver elsewhere (XLA's ``eig`` does not
-    exist on TPU and runs one matrix at a time on GPU)."""
+    """Eigenvalues of dense square matrices.
+
+    Uses LAPACK's ``geev`` on CPU; the batched pure-JAX solver elsewhere (XLA's ``eig`` does
+    not exist on TPU and runs one matrix at a time on GPU).
+    """
 
     def lapack(x: Array) -> Array:
         # jaxlib's geev returns wrongly scaled float32 eigenvalues for matrices of norm above
@@ -326,8 +347,11 @@ def _dense_eig(x: Array) -> tuple[Array, Array]:
 
 
 def _factored_eig(M: FactoredMatrix) -> tuple[Array, Array]:
-    """If ``B A v = w v`` then ``A B (A v) = w (A v)``: the eigenvectors of ``A @ B`` for nonzero
-    eigenvalues are ``A v`` (normalised; zero where ``A v`` vanishes)."""
+    """Eigenvalues and eigenvectors of a FactoredMatrix via the smaller square product.
+
+    If ``B A v = w v`` then ``A B (A v) = w (A v)``: the eigenvectors of ``A @ B`` for nonzero
+    eigenvalues are ``A v`` (normalised; zero where ``A v`` vanishes).
+    """
     small, is_BA = _small_square(M, "eig")
     w, v = _eig(small)
     if not is_BA:
@@ -344,8 +368,11 @@ def _inverse_or_zero(x: Array) -> Array:
 
 
 def _dense_norm_and_grad(x: Array) -> tuple[Array, Array]:
-    """``||x||_F`` and its gradient ``x / ||x||_F`` (zero at ``x = 0``), computed on ``x``
-    scaled by a power of two: squares of entries beyond ~1e19 or below ~1e-19 over/underflow."""
+    """``||x||_F`` and its gradient ``x / ||x||_F`` (zero at ``x = 0``).
+
+    Both are computed on ``x`` scaled by a power of two: squares of entries beyond ~1e19 or
+    below ~1e-19 would over/underflow.
+    """
     u, e = _unit_scale(x)
     unit_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=(-2, -1)))
     return _scale_back(unit_norm, e), u * _inverse_or_zero(unit_norm)[..., None, None]
@@ -365,8 +392,10 @@ def _dense_norm_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Arra
 
 
 def _factored_norm_and_grads(A: Array, B: Array) -> tuple[Array, Callable[[], tuple[Array, Array]]]:
-    """``||AB||_F`` and a function for its gradients, on factors scaled by powers of two so
-    that nothing over- or underflows unless the result does.
+    """``||AB||_F`` and a function for its gradients.
+
+    Computed on factors scaled by powers of two so that nothing over- or underflows unless the
+    result does.
 
     Uses ``||AB||_F^2 = sum((A^T A) * (B B^T))`` (two ``m x m`` Gram matrices) unless
     multiplying out is cheaper (``m`` larger than ``l`` or ``r``).

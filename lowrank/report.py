@@ -1,5 +1,7 @@
-"""The all-heads weight report: :func:`analyse` a model, then its :func:`figures`, the
-:func:`to_json` dict, and the files (:func:`write_files`: PNGs, ``index.html``, ``report.json``).
+"""The all-heads weight report: analyse a model's heads and write figures, JSON and HTML.
+
+:func:`analyse` a model, then make its :func:`figures`, the :func:`to_json` dict, and the files
+(:func:`write_files`: PNGs, ``index.html``, ``report.json``).
 
 Each analysis is jitted on its own (never two decompositions in one program, see
 ``lowrank._deadlock.Serial``). Given a device mesh, the per-head analyses run sharded over it (see
@@ -168,8 +170,11 @@ def analyse(
     tick: Callable[[str], None] = functools.partial(_step, progress)
 
     def compute(fn: Callable[..., Any], *args: Any, per_head: bool = False) -> Any:
-        """``fn(*args)`` jitted (over ``mesh``: ``[L, H, ...]`` results split where their heads
-        live when ``per_head``, else replicated), as NumPy arrays on this host."""
+        """``fn(*args)`` jitted, as NumPy arrays on this host.
+
+        Over ``mesh``, ``[L, H, ...]`` results are split where their heads live when
+        ``per_head``, else replicated.
+        """
         jitted: Callable[..., Any]
         if mesh is None:
             jitted = jax.jit(fn)
@@ -661,9 +666,12 @@ def _section_tables(key: str, report: dict[str, Any]) -> str:
 
 
 def write_html(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """``index.html``: a header (model, versions, device, date, command), then one section per
+    """Write ``index.html`` for ``report`` into ``out_dir`` and return its path.
+
+    The page has a header (model, versions, device, date, command), then one section per
     analysis with what it measures, its tables and its figures. Self-contained: no scripts,
-    no network; the figures are the PNG files beside it."""
+    no network; the figures are the PNG files beside it.
+    """
     out = Path(out_dir)
     cfg, meta = report["config"], report.get("meta", {})
     facts = {

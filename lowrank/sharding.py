@@ -102,8 +102,11 @@ def shard_factored(M: FactoredMatrix, mesh: Mesh) -> FactoredMatrix:
 
 
 def sharded_place(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
-    """A ``place`` hook for :func:`lowrank.models.load_pretrained`: each process copies only
-    the slices its own devices hold (from the host array, e.g. memory-mapped)."""
+    """Make a ``place`` hook for :func:`lowrank.models.load_pretrained` that shards over ``mesh``.
+
+    Each process copies only the slices its own devices hold (from the host array, e.g.
+    memory-mapped).
+    """
 
     def place(path: str, host: np.ndarray) -> jax.Array:
         sharding = param_sharding(path, mesh)

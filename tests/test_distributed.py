@@ -1,5 +1,8 @@
-"""``python -m lowrank report --distributed``: two jax.distributed processes on localhost (CPU,
-4 devices each, gloo collectives) give the single-process report on the embedded model."""
+"""``python -m lowrank report --distributed`` gives the single-process report.
+
+Two jax.distributed processes on localhost (CPU, 4 devices each, gloo collectives) analyse the
+embedded model.
+"""
 
 import json
 import os

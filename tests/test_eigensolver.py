@@ -25,8 +25,10 @@ _BATCH = {1: 4, 2: 1200, 3: 7, 5: 144, 6: 1, 7: 7, 9: 7, 16: 144, 64: 7, 128: 1}
 
 
 def run(a, **options) -> EigResult:
-    """``solve(a, **options)`` for ``a: [b, n, n]``, padded with random matrices to ``_BATCH[n]``
-    (the solver treats the matrices of a batch independently)."""
+    """``solve(a, **options)`` for ``a: [b, n, n]``, padded with random matrices to ``_BATCH[n]``.
+
+    Padding is harmless: the solver treats the matrices of a batch independently.
+    """
     a = np.asarray(a)
     b, n = a.shape[0], a.shape[-1]
     pad = np.random.default_rng(n).standard_normal((_BATCH[n] - b, n, n)).astype(a.dtype)
@@ -183,8 +185,10 @@ def test_families_n64(family):
     + [(f, 16) for f in (rotations, cyclic_permutation, low_rank, triangular)],
 )
 def test_two_bulges_per_sweep(family, n):
-    """The multishift variant used on GPU/TPU (two bulges per sweep), run here on CPU, against
-    NumPy and against the one-bulge default of CPU."""
+    """The multishift variant used on GPU/TPU (two bulges per sweep), run here on CPU.
+
+    Checked against NumPy and against the one-bulge default of CPU.
+    """
     assert (default_bulges("cpu"), default_bulges("gpu"), default_bulges("tpu")) == (1, 2, 2)
     rng = np.random.default_rng(n + 1)
     a = family(rng, 7, n).astype(np.float32)

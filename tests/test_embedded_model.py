@@ -1,5 +1,7 @@
-"""The embedded model ``induction-2l``: loads offline, tokenizes, solves its task, and the
-circuit analyses find its induction circuit (previous-token head -> induction head)."""
+"""The embedded model ``induction-2l``: loads offline, tokenizes and solves its task.
+
+The circuit analyses find its induction circuit (previous-token head -> induction head).
+"""
 
 import json
 import os

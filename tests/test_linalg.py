@@ -445,8 +445,11 @@ def _dense_weighted_svdvals(A, B, w):
 
 @pytest.mark.parametrize("name", SVD_LOSSES)
 def test_svdvals_grads_are_finite_for_rank_deficient_factors(name):
-    """Gradients of weighted sums of singular values, where a Cholesky or QR of a singular
-    matrix used to make them NaN (and leak into every head of the batch)."""
+    """Gradients of weighted sums of singular values are finite for ablated heads.
+
+    A Cholesky or QR of a singular matrix used to make them NaN (and leak into every head of
+    the batch).
+    """
     A, B = _ablated_heads()
     S64 = np.linalg.svd(dense(A, B), compute_uv=False)[:, :4]
     # Head 2 is generic; in head 1 the weights [1, 0.5, 0, 0] avoid its two zero singular
@@ -485,8 +488,11 @@ def test_svd_vector_grads_are_finite_for_rank_deficient_factors():
 
 @pytest.mark.parametrize(("l", "m", "r"), [(7, 3, 6), (4, 6, 5), (6, 6, 4)])
 def test_svd_grads_match_dense_autodiff(l, m, r):
-    """The factored SVD's derivative (vectors included) against autodiff through
-    ``jnp.linalg.svd(A @ B)`` and finite differences, on generic factors in float64."""
+    """The factored SVD's derivative (vectors included) matches dense autodiff.
+
+    Compared against autodiff through ``jnp.linalg.svd(A @ B)`` and finite differences, on
+    generic factors in float64.
+    """
     rng = np.random.default_rng(36)
     k = min(l, m, r)
     with jax.enable_x64(True):
@@ -572,9 +578,11 @@ def _svdvals_grad(M):
     ids=["svd", "svdvals", "eigvals", "eig", "svdvals_grad", "vmap_svd"],
 )
 def test_one_matrix_per_lapack_call(fn):
-    """With one_matrix_per_call every decomposition sees a single matrix (derivatives and nested
-    transformations included), and the results do not change: what sharded programs on
-    multi-device CPU meshes rely on."""
+    """With one_matrix_per_call every decomposition sees a single matrix, same results.
+
+    Derivatives and nested transformations included; sharded programs on multi-device CPU
+    meshes rely on this.
+    """
     M = FactoredMatrix(*random_factors(np.random.default_rng(3), LEAD, 20, 6, 20))
     expected = jax.jit(fn)(M)  # cached traces of fn must not matter
     assert any(len(s) > 2 for s in decomposition_operand_shapes(jax.make_jaxpr(fn)(M).jaxpr))

@@ -39,8 +39,10 @@ def test_examples_run(section, namespace):
 
 
 def test_ci_runs_the_readme_commands():
-    """``.ci/run`` runs the README's two commands: each install exactly, the main job, and
-    exactly the test command."""
+    """``.ci/run`` runs the README's two commands.
+
+    Each install exactly, the main job, and exactly the test command.
+    """
     commands = re.search(r"```bash\n(.*?)```", README, re.S).group(1).splitlines()
     main_job, tests = ([p.strip() for p in line.split("#")[0].split("&&")] for line in commands)
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()

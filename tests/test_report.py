@@ -1,5 +1,8 @@
-"""The report: every number shown is in report.json (valid against the shipped schema), and
-index.html is a self-contained page with a header, sections, tables and every figure."""
+"""The report: its JSON, its HTML page and its figures.
+
+Every number shown is in report.json (valid against the shipped schema), and index.html is a
+self-contained page with a header, sections, tables and every figure.
+"""
 
 import json
 import re

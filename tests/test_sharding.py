@@ -97,8 +97,11 @@ def test_per_head_analyses(model, sharded_model, mesh, name):
 
 
 def test_sharded_decompositions_take_one_matrix_per_lapack_call(model, mesh):
-    """On a multi-device CPU mesh (8 devices here) concurrent batched LAPACK calls can deadlock
-    jaxlib 0.10: sharded programs decompose one matrix per call, whatever fn traced before."""
+    """Sharded programs decompose one matrix per call, whatever fn traced before.
+
+    On a multi-device CPU mesh (8 devices here) concurrent batched LAPACK calls can deadlock
+    jaxlib 0.10.
+    """
     fn = HEAD_ANALYSES["OV_svd"]
     assert any(len(s) > 2 for s in decomposition_operand_shapes(jax.make_jaxpr(fn)(model).jaxpr))
     traced = jax.make_jaxpr(sharding.sharded(fn, mesh, sharding.PER_HEAD))(model)

@@ -494,6 +494,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the embedded model from the command line ``argv`` and return the exit status."""
     default = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m lowrank.data.train_embedded",

@@ -158,9 +158,11 @@ class StateDict(Mapping[str, np.ndarray]):
 
     @property
     def files(self) -> list[Path]:
+        """Paths of the checkpoint files the mapping reads from."""
         return [f.path for f in self._files]
 
     def close(self) -> None:
+        """Close every open checkpoint file."""
         for f in self._files:
             f.close()
 
