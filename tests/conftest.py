@@ -11,6 +11,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # --------------------------------------------------------------------------------------
 # Small random GPT-2 / GPT-Neo checkpoints (lowrank.models tests). Heavy imports (torch,
 # transformers, transformer_lens) happen inside the fixtures, so other tests stay fast.
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -26,20 +27,20 @@ _WORDS = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(60)]
 class Checkpoint:
     """A saved random HF checkpoint and the torch model it came from."""
 
-    family: str  # "gpt2" | "gpt_neo"
+    family: str  # "gpt2" | "gpt_neo" | "gpt_neox" | "llama" | "mistral" | "qwen2"
     path: Path
     hf_model: Any
 
 
 def _randomise(model: Any, seed: int) -> None:
-    """Non-trivial LayerNorm weights and biases, so that folding is exercised."""
+    """Non-trivial LayerNorm / RMSNorm weights and biases, so that folding is exercised."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if ".ln_" in name or "ln_f" in name:
+            if ".ln_" in name or "ln_f" in name or "norm" in name:
                 p.copy_((1.0 + 0.3 * noise) if name.endswith("weight") else 0.3 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.2 * noise)
@@ -109,6 +110,121 @@ def build_gpt_neo(path: Path, seed: int = 1, **overrides: Any) -> Any:
     return model
 
 
+#: transformers config class and the overrides of each Llama-layout variant's test model.
+LLAMA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # llama3 scaling with every frequency band present at d_head 8 (wavelengths 6, 63, 628,
+    # 6283 against 64 / 4 and 64 / 1); untied.
+    "llama": (
+        "LlamaConfig",
+        dict(
+            rope_theta=10000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # every layer slides with window 5 < TOKEN_SEQ; untied.
+    "mistral": ("MistralConfig", dict(sliding_window=5, rope_theta=100.0)),
+    # q/k/v biases, tied embeddings, a sliding window on the last layer only.
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=2,
+            rope_theta=1000.0,
+        ),
+    ),
+}
+
+
+def build_llama(
+    path: Path, variant: str = "llama", seed: int = 2, dtype: Any = None, **overrides: Any
+) -> Any:
+    """Save a random Llama / Mistral / Qwen2 (:data:`LLAMA_VARIANTS`): 3 layers, 4 query
+    heads sharing 2 key/value heads, d_model 32, non-trivial RMSNorm weights and biases.
+
+    ``dtype`` (a torch dtype) is the storage dtype; the returned model is float32 and holds
+    the stored (rounded) weights, so it is the reference for a float32 load.
+    """
+    import torch
+    import transformers
+
+    cls_name, variant_kwargs = LLAMA_VARIANTS[variant]
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=48,
+        vocab_size=101,
+        max_position_embeddings=24,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    kwargs.update(copy.deepcopy(variant_kwargs))  # transformers fills in nested dicts
+    kwargs.update(copy.deepcopy(overrides))
+    config = getattr(transformers, cls_name)(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _randomise(model, seed)
+    return _save(model, path, dtype)
+
+
+def build_gpt_neox(path: Path, seed: int = 3, dtype: Any = None, **overrides: Any) -> Any:
+    """Save a random GPTNeoXForCausalLM: 2 layers, partial rotary (a quarter of d_head 16),
+    parallel attention and MLP, untied ``embed_out``; see :func:`build_llama` for ``dtype``.
+    """
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=101,
+        max_position_embeddings=24,
+        rotary_pct=0.25,
+        rotary_emb_base=100,
+        hidden_act="gelu",
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    kwargs.update(copy.deepcopy(overrides))  # transformers fills in nested dicts
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs)).eval()
+    _randomise(model, seed)
+    return _save(model, path, dtype)
+
+
+def _save(model: Any, path: Path, dtype: Any) -> Any:
+    """``save_pretrained`` (safetensors) in ``dtype``; the float32 model of what was saved."""
+    import torch
+
+    if dtype is not None and dtype != torch.float32:
+        with torch.no_grad():  # parameters only: buffers (rotary inv_freq) stay float32
+            for p in model.parameters():
+                p.copy_(p.to(dtype))
+        copy.deepcopy(model).to(dtype).save_pretrained(path)
+    else:
+        model.save_pretrained(path)
+    return model
+
+
 @pytest.fixture(scope="session")
 def gpt2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     path = tmp_path_factory.mktemp("gpt2")
@@ -121,6 +237,32 @@ def gpt2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
 def gpt_neo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     path = tmp_path_factory.mktemp("gpt_neo")
     return Checkpoint("gpt_neo", path, build_gpt_neo(path))
+
+
+@pytest.fixture(scope="session")
+def rotary_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Factory ``(variant, storage="float32", **overrides) -> Checkpoint``, each built once.
+
+    ``variant`` is a key of :data:`LLAMA_VARIANTS` or ``"gpt_neox"``; ``storage`` the torch
+    dtype name the safetensors hold; ``overrides`` go to the transformers config.
+    """
+    built: dict[tuple[str, str, str], Checkpoint] = {}
+
+    def make(variant: str, storage: str = "float32", **overrides: Any) -> Checkpoint:
+        key = (variant, storage, repr(sorted(overrides.items())))
+        if key not in built:
+            import torch
+
+            path = tmp_path_factory.mktemp(f"{variant}_{storage}")
+            dtype = getattr(torch, storage)
+            if variant == "gpt_neox":
+                model = build_gpt_neox(path, dtype=dtype, **overrides)
+            else:
+                model = build_llama(path, variant, dtype=dtype, **overrides)
+            built[key] = Checkpoint(variant, path, model)
+        return built[key]
+
+    return make
 
 
 @pytest.fixture(scope="session", params=["gpt2", "gpt_neo"])
@@ -193,7 +335,8 @@ def tl_config(ckpt: Checkpoint) -> Any:
 @pytest.fixture(scope="session")
 def tl_model() -> Any:
     """Factory ``tl_model(ckpt, fold_ln, center_writing_weights, center_unembed,
-    fold_value_biases, refactor=False)`` -> a processed TransformerLens HookedTransformer."""
+    fold_value_biases, refactor=False)`` -> a processed TransformerLens HookedTransformer.
+    """
     import warnings
 
     built: dict[tuple[Any, ...], Any] = {}
@@ -238,6 +381,100 @@ def tl_model() -> Any:
         return built[key]
 
     return make
+
+
+def tl_rotary_config(ckpt: Checkpoint) -> Any:
+    """A HookedTransformerConfig mirroring what TransformerLens 3.9 derives (its
+    ``loading_from_pretrained``) for a GPT-NeoX, Llama, Mistral or Qwen2 checkpoint.
+
+    TransformerLens ignores Qwen2's sliding windows (its logits differ from HF's there).
+    """
+    from transformer_lens import HookedTransformerConfig
+
+    c = ckpt.hf_model.config
+    rope = c.rope_parameters
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    d = dict(
+        d_model=c.hidden_size,
+        d_head=d_head,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_base=rope["rope_theta"],
+        rotary_dim=int(d_head * rope.get("partial_rotary_factor", 1.0)),
+        original_architecture=type(ckpt.hf_model).__name__,
+    )
+    if ckpt.family == "gpt_neox":
+        d.update(eps=c.layer_norm_eps, normalization_type="LN")
+        d.update(parallel_attn_mlp=c.use_parallel_residual)
+    else:
+        d.update(eps=c.rms_norm_eps, normalization_type="RMS", gated_mlp=True, final_rms=True)
+        d.update(n_key_value_heads=c.num_key_value_heads)
+    if rope.get("rope_type") == "llama3":
+        d.update(
+            use_NTK_by_parts_rope=True,
+            NTK_original_ctx_len=rope["original_max_position_embeddings"],
+            NTK_by_parts_low_freq_factor=rope["low_freq_factor"],
+            NTK_by_parts_high_freq_factor=rope["high_freq_factor"],
+            NTK_by_parts_factor=rope["factor"],
+        )
+    if ckpt.family == "mistral" and c.sliding_window:
+        d.update(use_local_attn=True, window_size=c.sliding_window)
+        d.update(attn_types=["local"] * c.num_hidden_layers)
+    return HookedTransformerConfig(**d, device="cpu", default_prepend_bos=False)
+
+
+def tl_rotary_model(ckpt: Checkpoint, **flags: bool) -> Any:
+    """TransformerLens's HookedTransformer of a rotary checkpoint, processed with ``flags``
+    (``load_and_process_state_dict``'s).
+    """
+    import warnings
+
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions import llama, mistral, neox, qwen2
+
+    convert = {
+        "gpt_neox": neox.convert_neox_weights,
+        "llama": llama.convert_llama_weights,
+        "mistral": mistral.convert_mistral_weights,
+        "qwen2": qwen2.convert_qwen2_weights,
+    }[ckpt.family]
+    cfg = tl_rotary_config(ckpt)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state_dict = {k: v.clone() for k, v in convert(ckpt.hf_model, cfg).items()}
+        model = HookedTransformer(cfg)
+        model.load_and_process_state_dict(state_dict, **flags)
+    return model.eval()
+
+
+def tl_tree(tl_model: Any) -> dict[str, np.ndarray]:
+    """A TransformerLens model's weights in lowrank's flat layout (layers stacked, grouped
+    ``_W_K`` as ``W_K``, rotary tables and masks left out).
+    """
+    sd = {k: v.detach().numpy() for k, v in tl_model.state_dict().items()}
+    out: dict[str, np.ndarray] = {}
+    for key, value in sd.items():
+        if key.endswith(("mask", "IGNORE", "rotary_sin", "rotary_cos")):
+            continue
+        parts = key.replace("._", ".").split(".")
+        if parts[0] != "blocks":
+            out[key] = value
+        elif parts[1] == "0":
+            rest = ".".join(parts[2:])
+            layers = range(tl_model.cfg.n_layers)
+            out["blocks." + rest] = np.stack([sd[k] for k in _layer_keys(key, layers)])
+    return out
+
+
+def _layer_keys(key0: str, layers: range) -> list[str]:
+    return [key0.replace("blocks.0.", f"blocks.{i}.", 1) for i in layers]
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -321,8 +558,175 @@ GPT_NEO_FAMILY = {
 }
 
 
+_LLAMA_3_1 = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+_QWEN2_5 = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+_PYTHIA = {
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "hidden_act": "gelu",
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 0.25,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "use_cache": True,
+    "use_parallel_residual": True,
+    "vocab_size": 50304,
+}
+
+#: Published config.json dicts of rotary models (written from the hub files), by name.
+ROTARY_FAMILY: dict[str, dict[str, Any]] = {
+    "Llama-3.1-8B": {
+        **_LLAMA_3_1,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+    },
+    "Llama-3.1-70B": {
+        **_LLAMA_3_1,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+    },
+    "Llama-3.1-405B": {
+        **_LLAMA_3_1,
+        "hidden_size": 16384,
+        "intermediate_size": 53248,
+        "num_attention_heads": 128,
+        "num_hidden_layers": 126,
+        "num_key_value_heads": 8,
+    },
+    "Mistral-7B-v0.1": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 32000,
+    },
+    "Qwen2.5-0.5B": {
+        **_QWEN2_5,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "vocab_size": 151936,
+    },
+    "Qwen2.5-7B": {
+        **_QWEN2_5,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "max_window_layers": 28,
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+    },
+    "Qwen2.5-72B": {
+        **_QWEN2_5,
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+        "max_window_layers": 80,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+    },
+    "pythia-70m": {
+        **_PYTHIA,
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 6,
+    },
+    "pythia-1.4b": {
+        **_PYTHIA,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+    },
+    "pythia-12b": {
+        **_PYTHIA,
+        "hidden_size": 5120,
+        "intermediate_size": 20480,
+        "num_attention_heads": 40,
+        "num_hidden_layers": 36,
+        "vocab_size": 50688,
+    },
+}
+
+
 def published_config(name: str) -> dict:
-    """The config.json dict of a published GPT-2 / GPT-Neo model."""
+    """The config.json dict of a published model (GPT-2, GPT-Neo, :data:`ROTARY_FAMILY`)."""
+    if name in ROTARY_FAMILY:
+        return dict(ROTARY_FAMILY[name])
     if name in GPT2_FAMILY:
         return {
             "architectures": ["GPT2LMHeadModel"],

@@ -1,4 +1,9 @@
-"""ModelConfig: the hyper-parameters of a GPT-2 or GPT-Neo model, built from a HF config."""
+"""ModelConfig: the hyper-parameters of a decoder-only transformer, built from a HF config.
+
+GPT-2, GPT-Neo, GPT-NeoX (Pythia), Llama, Mistral and Qwen2. What differs between the
+families is a set of forward-pass options (normalisation, positions, grouped-query heads,
+gated MLPs, parallel blocks, sliding windows), never per-family code.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +19,46 @@ from typing import Any
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "ROPE_SCALING_TYPES",
     "ModelConfig",
+    "RopeScaling",
     "SIZE_LIMITS",
     "config_from_hf",
 ]
 
-#: Supported Hugging Face architectures and the family (converter) that reads them.
+#: Supported Hugging Face architectures and the family (layout) that reads them.
 ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "GPT2Model": "gpt2",
     "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoModel": "gpt_neo",
+    "GPTNeoXForCausalLM": "gpt_neox",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
 }
 
 #: HF ``model_type`` -> architecture used when a config names no ``architectures``.
-_MODEL_TYPES: dict[str, str] = {"gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM"}
+_MODEL_TYPES: dict[str, str] = {
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neo": "GPTNeoForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+#: Architecture -> the ``transformers`` config class that fills in HF's defaults.
+_HF_CONFIG_CLASSES: dict[str, str] = {
+    "GPT2LMHeadModel": "GPT2Config",
+    "GPT2Model": "GPT2Config",
+    "GPTNeoForCausalLM": "GPTNeoConfig",
+    "GPTNeoModel": "GPTNeoConfig",
+    "GPTNeoXForCausalLM": "GPTNeoXConfig",
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+}
 
 #: Activation names accepted in ``act_fn`` (the functions live in ``transformer.py``).
 ACTIVATIONS: tuple[str, ...] = (
@@ -42,6 +72,11 @@ ACTIVATIONS: tuple[str, ...] = (
 )
 
 _ATTN_KINDS = ("global", "local")
+_NORMALIZATIONS = ("LN", "RMS")
+_POSITIONALS = ("learned", "rotary")
+
+#: ``rope_scaling`` types the rotary embedding implements (HF's ``rope_type``).
+ROPE_SCALING_TYPES: tuple[str, ...] = ("linear", "llama3")
 
 #: Upper bounds on the sizes of a :class:`ModelConfig` (far above any GPT-2 or GPT-Neo). A
 #: mistyped or hostile ``config.json`` fails on them at once, before per-layer structures
@@ -49,6 +84,7 @@ _ATTN_KINDS = ("global", "local")
 SIZE_LIMITS: dict[str, int] = {
     "n_layers": 10_000,
     "n_heads": 100_000,
+    "n_kv_heads": 100_000,
     "d_model": 1_000_000,
     "d_head": 1_000_000,
     "d_mlp": 10_000_000,
@@ -77,14 +113,43 @@ _HF_KEYS: dict[str, dict[str, str]] = {
         "max_position_embeddings": "n_ctx",
         "window_size": "window_size",
     },
+    "gpt_neox": {
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "hidden_size": "d_model",
+        "intermediate_size": "d_mlp",
+        "vocab_size": "d_vocab",
+        "max_position_embeddings": "n_ctx",
+        "head_dim": "d_head",
+    },
+    "llama": {
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "hidden_size": "d_model",
+        "head_dim": "d_head",
+        "intermediate_size": "d_mlp",
+        "vocab_size": "d_vocab",
+        "max_position_embeddings": "n_ctx",
+        "sliding_window": "window_size",
+    },
 }
-_HF_NULLABLE = ("n_inner", "intermediate_size")
+_HF_NULLABLE = ("n_inner", "intermediate_size", "num_key_value_heads", "head_dim", "sliding_window")
 _HF_FLAGS = (
     "scale_attn_weights",
     "scale_attn_by_inverse_layer_idx",
     "tie_word_embeddings",
     "add_cross_attention",
+    "attention_bias",
+    "mlp_bias",
+    "use_sliding_window",
+    "use_parallel_residual",
 )
+_HF_EPS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
+_HF_ACTIVATIONS = ("activation_function", "hidden_act")
+_HF_ROPE_BASES = ("rope_theta", "rotary_emb_base")
+_HF_ROPE_FRACTIONS = ("rotary_pct", "partial_rotary_factor")
+_HF_ROPE_DICTS = ("rope_scaling", "rope_parameters")
 _MISSING = object()
 
 
@@ -100,23 +165,99 @@ def _check_size(where: str, name: str, value: Any, limit: int, when: str = "") -
         )
 
 
+def _check_number(where: str, name: str, value: Any, low: float, high: float) -> None:
+    """``low < value <= high`` (``low`` excluded, so 0 is refused for a positive bound)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and low < value <= high):
+        raise ValueError(
+            f"{where}: {name} must be a number in ({low:g}, {high:g}], got {_got(value)}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Scaling of the rotary frequencies, as HF's ``rope_scaling`` (``rope_parameters``).
+
+    Attributes:
+        rope_type: one of :data:`ROPE_SCALING_TYPES`. ``"linear"`` divides every frequency
+            by ``factor``; ``"llama3"`` (Llama 3.1) divides the low frequencies (wavelength
+            above ``original_max_position_embeddings / low_freq_factor``) by ``factor``,
+            keeps the high ones (below ``... / high_freq_factor``) and interpolates between.
+        factor: the context extension factor.
+        low_freq_factor, high_freq_factor, original_max_position_embeddings: ``"llama3"``.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(_unknown_rope_type(self.rope_type))
+        where = f"RopeScaling({self.rope_type!r})"
+        _check_number(where, "factor", self.factor, 0, 1e6)
+        if self.rope_type == "llama3":
+            _check_number(where, "low_freq_factor", self.low_freq_factor, 0, 1e6)
+            _check_number(where, "high_freq_factor", self.high_freq_factor, 0, 1e6)
+            if not self.high_freq_factor > self.low_freq_factor:
+                raise ValueError(
+                    f"{where}: high_freq_factor ({self.high_freq_factor}) must exceed "
+                    f"low_freq_factor ({self.low_freq_factor})"
+                )
+            _check_size(
+                where,
+                "original_max_position_embeddings",
+                self.original_max_position_embeddings,
+                SIZE_LIMITS["n_ctx"],
+            )
+
+
+def _unknown_rope_type(kind: Any, key: str = "rope_scaling") -> str:
+    return (
+        f"{key} type {kind!r} is not supported; lowrank implements "
+        f"{', '.join(repr(t) for t in ROPE_SCALING_TYPES)} (or none)"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Static hyper-parameters of a decoder-only transformer (hashable, usable as a jit key).
 
+    The defaults of the fields after ``tie_word_embeddings`` describe GPT-2 (LayerNorm,
+    learned positions, one key/value head per query head, plain MLP, sequential blocks).
+
     Attributes:
         architecture: HF architecture name, one of :data:`ARCHITECTURES`.
-        n_layers, n_heads, d_model, d_head, d_mlp, d_vocab: sizes.
-        n_ctx: number of learned positions (rows of ``W_pos``).
-        act_fn: MLP activation, one of :data:`ACTIVATIONS` (``gelu_new`` is the tanh GELU).
-        eps: LayerNorm epsilon.
+        n_layers, n_heads, d_model, d_head, d_mlp, d_vocab: sizes (``n_heads`` query heads
+            of width ``d_head``; ``n_heads * d_head`` need not equal ``d_model``).
+        n_ctx: number of positions: rows of ``W_pos`` (learned), or the longest sequence
+            the forward pass accepts (rotary).
+        act_fn: MLP activation, one of :data:`ACTIVATIONS` (``gelu_new`` is the tanh GELU);
+            for a gated MLP, the activation of the gate.
+        eps: LayerNorm / RMSNorm epsilon.
         attn_types: ``"global"`` or ``"local"`` for every layer; ``None`` means all global.
-        window_size: local-attention window: a query at ``i`` sees keys ``j`` with
+        window_size: local-attention (sliding) window: a query at ``i`` sees keys ``j`` with
             ``i - window_size < j <= i``. Required when any layer is local.
         use_attn_scale: divide attention scores by ``sqrt(d_head)`` (GPT-2 yes, GPT-Neo no).
         scale_attn_by_inverse_layer_idx: also divide layer ``l``'s scores by ``l + 1``.
-        tie_word_embeddings: whether the checkpoint ties ``lm_head`` to ``wte`` (informational;
-            the parameter tree always holds its own ``W_U``).
+        tie_word_embeddings: whether the checkpoint ties ``lm_head`` to the embedding
+            (informational; the parameter tree always holds its own ``W_U``).
+        n_kv_heads: key/value heads (grouped-query attention); ``None`` means ``n_heads``.
+            Query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``.
+        normalization: ``"LN"`` (LayerNorm, weight and bias) or ``"RMS"`` (RMSNorm, weight).
+        positional: ``"learned"`` (``W_pos`` added to the embedding) or ``"rotary"`` (RoPE
+            on queries and keys; no ``W_pos``).
+        rotary_dim: rotated dimensions of each head (the first ``rotary_dim``; the rest pass
+            through); ``None`` means ``d_head`` for rotary models. Even.
+        rotary_base: the RoPE base (``rope_theta``).
+        rope_scaling: frequency scaling (:class:`RopeScaling`), or ``None``.
+        gated_mlp: ``act(x W_gate) * (x W_in) + b_in`` feeds ``W_out`` (SwiGLU for silu).
+        parallel_attn_mlp: the MLP reads the block input instead of the attention output
+            (GPT-NeoX, GPT-J): ``x + attn(ln1(x)) + mlp(ln2(x))``.
+        attn_qkv_bias, attn_out_bias: whether the checkpoint stores query/key/value and
+            output biases (the tree always has them, as zeros where it does not).
     """
 
     architecture: str
@@ -134,35 +275,92 @@ class ModelConfig:
     use_attn_scale: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
+    n_kv_heads: int | None = None
+    normalization: str = "LN"
+    positional: str = "learned"
+    rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    gated_mlp: bool = False
+    parallel_attn_mlp: bool = False
+    attn_qkv_bias: bool = True
+    attn_out_bias: bool = True
 
     def __post_init__(self) -> None:
+        where = "ModelConfig"
         if self.architecture not in ARCHITECTURES:
             raise ValueError(_unknown_architecture(self.architecture))
         for name in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx"):
-            _check_size("ModelConfig", name, getattr(self, name), SIZE_LIMITS[name])
+            _check_size(where, name, getattr(self, name), SIZE_LIMITS[name])
         if self.act_fn not in ACTIVATIONS:
             raise ValueError(
-                f"ModelConfig: act_fn {self.act_fn!r} is not supported; use one of {ACTIVATIONS}"
+                f"{where}: act_fn {self.act_fn!r} is not supported; use one of {ACTIVATIONS}"
             )
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0):
-            raise ValueError(f"ModelConfig: eps must be a non-negative number, got {self.eps!r}")
+            raise ValueError(f"{where}: eps must be a non-negative number, got {self.eps!r}")
         kinds = ("global",) * self.n_layers if self.attn_types is None else tuple(self.attn_types)
         if len(kinds) != self.n_layers or any(k not in _ATTN_KINDS for k in kinds):
             raise ValueError(
-                f"ModelConfig: attn_types must give 'global' or 'local' for each of the "
+                f"{where}: attn_types must give 'global' or 'local' for each of the "
                 f"{self.n_layers} layers, got {self.attn_types!r}"
             )
         object.__setattr__(self, "attn_types", kinds)
         if "local" in kinds:
             when = " when a layer uses local attention"
-            _check_size(
-                "ModelConfig", "window_size", self.window_size, SIZE_LIMITS["window_size"], when
+            _check_size(where, "window_size", self.window_size, SIZE_LIMITS["window_size"], when)
+        self._check_heads()
+        for name, allowed in (("normalization", _NORMALIZATIONS), ("positional", _POSITIONALS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{where}: {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        self._check_rotary()
+
+    def _check_heads(self) -> None:
+        n_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        _check_size("ModelConfig", "n_kv_heads", n_kv, SIZE_LIMITS["n_kv_heads"])
+        if self.n_heads % n_kv:
+            raise ValueError(
+                f"ModelConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                f"({n_kv}): each key/value head serves a whole group of query heads"
+            )
+        object.__setattr__(self, "n_kv_heads", n_kv)
+
+    def _check_rotary(self) -> None:
+        where = "ModelConfig"
+        if self.positional != "rotary":
+            if self.rotary_dim is not None or self.rope_scaling is not None:
+                raise ValueError(
+                    f"{where}: rotary_dim and rope_scaling need positional='rotary', got "
+                    f"positional={self.positional!r}"
+                )
+            return
+        dim = self.d_head if self.rotary_dim is None else self.rotary_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (0 < dim <= self.d_head):
+            raise ValueError(
+                f"{where}: rotary_dim must be a positive integer at most d_head "
+                f"({self.d_head}), got {_got(dim)}"
+            )
+        if dim % 2:
+            raise ValueError(f"{where}: rotary_dim must be even, got {dim}")
+        object.__setattr__(self, "rotary_dim", dim)
+        _check_number(where, "rotary_base", self.rotary_base, 0, 1e30)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(
+                f"{where}: rope_scaling must be a RopeScaling or None, got "
+                f"{type(self.rope_scaling).__name__}"
             )
 
     @property
     def family(self) -> str:
-        """The converter family: ``"gpt2"`` or ``"gpt_neo"``."""
+        """The layout family: ``"gpt2"``, ``"gpt_neo"``, ``"gpt_neox"`` or ``"llama"``."""
         return ARCHITECTURES[self.architecture]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        assert self.n_kv_heads is not None
+        return self.n_heads // self.n_kv_heads
 
     @property
     def attn_windows(self) -> tuple[int, ...]:
@@ -245,29 +443,61 @@ def _check_hf_values(get: Callable[[str], Any], family: str) -> None:
     """Types and bounds of the HF config values :func:`config_from_hf` reads.
 
     One step before anything is expanded: transformers' GPT-Neo config builds a list from
-    ``attention_types`` and :class:`ModelConfig` builds per-layer tuples.
+    ``attention_types``, Qwen2's one from ``num_hidden_layers``, and :class:`ModelConfig`
+    builds per-layer tuples.
     """
     for key, limit_name in _HF_KEYS[family].items():
         value = get(key)
         if value is _MISSING or (value is None and key in _HF_NULLABLE):
             continue
         _check_size("config_from_hf", key, value, SIZE_LIMITS[limit_name])
-    eps = get("layer_norm_epsilon")
-    if eps is not _MISSING and (
-        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1
-    ):
-        raise ValueError(
-            f"config_from_hf: layer_norm_epsilon must be a number from 0 to 1, got {_got(eps)}"
-        )
-    act = get("activation_function")
-    if act is not _MISSING and not isinstance(act, str):
-        raise ValueError(f"config_from_hf: activation_function must be a string, got {_got(act)}")
+    for key in _HF_EPS:
+        eps = get(key)
+        if eps is not _MISSING and (
+            isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1
+        ):
+            raise ValueError(f"config_from_hf: {key} must be a number from 0 to 1, got {_got(eps)}")
+    for key in _HF_ACTIVATIONS:
+        act = get(key)
+        if act is not _MISSING and not isinstance(act, str):
+            raise ValueError(f"config_from_hf: {key} must be a string, got {_got(act)}")
     for flag in _HF_FLAGS:
         value = get(flag)
         if value is not _MISSING and not isinstance(value, bool):
             raise ValueError(f"config_from_hf: {flag} must be true or false, got {_got(value)}")
     if family == "gpt_neo":
         _check_attention_types(get("attention_types"), get("num_layers"))
+    _check_hf_rope(get)
+    heads, kv = get("num_attention_heads"), get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and kv >= 1 and heads % kv:
+        raise ValueError(
+            f"config_from_hf: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv})"
+        )
+
+
+def _check_hf_rope(get: Callable[[str], Any]) -> None:
+    """RoPE base, rotary fraction, and a scaling type lowrank implements."""
+    for key in _HF_ROPE_BASES:
+        value = get(key)
+        if value is not _MISSING and value is not None:
+            _check_number("config_from_hf", key, value, 0, 1e30)
+    for key in _HF_ROPE_FRACTIONS:
+        value = get(key)
+        if value is not _MISSING and value is not None:
+            _check_number("config_from_hf", key, value, 0, 1)
+    for key in _HF_ROPE_DICTS:
+        value = get(key)
+        if value is _MISSING or value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"config_from_hf: {key} must be an object such as "
+                f'{{"rope_type": "linear", "factor": 2.0}} or null, got {_got(value)}'
+            )
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind != "default" and kind not in ROPE_SCALING_TYPES:
+            raise ValueError(f"config_from_hf: {_unknown_rope_type(kind, key)}")
 
 
 def _check_attention_types(value: Any, num_layers: Any) -> None:
@@ -307,9 +537,9 @@ def _check_attention_types(value: Any, num_layers: Any) -> None:
 
 def _hf_object(data: Mapping[str, Any], arch: str) -> Any:
     """A transformers config object (fills in HF's defaults for keys a config.json omits)."""
-    from transformers import GPT2Config, GPTNeoConfig
+    import transformers
 
-    cls = GPT2Config if ARCHITECTURES[arch] == "gpt2" else GPTNeoConfig
+    cls = getattr(transformers, _HF_CONFIG_CLASSES[arch])
     try:
         return cls.from_dict(dict(data))
     except Exception as err:  # transformers' own validation (types vary across versions)
@@ -321,13 +551,16 @@ def config_from_hf(config: Any) -> ModelConfig:
     """Build a :class:`ModelConfig` from a Hugging Face config.
 
     Args:
-        config: a ``transformers`` config object (``GPT2Config``, ``GPTNeoConfig``), a dict
-            as in ``config.json``, or the path of a ``config.json`` or of the directory
+        config: a ``transformers`` config object (``GPT2Config``, ``LlamaConfig``, ...), a
+            dict as in ``config.json``, or the path of a ``config.json`` or of the directory
             holding it.
 
     Raises:
         ValueError: unknown architecture; a value of the wrong type, beyond
-            :data:`SIZE_LIMITS` or inconsistent; a file that is not a JSON object.
+            :data:`SIZE_LIMITS` or inconsistent (``num_attention_heads`` not a multiple of
+            ``num_key_value_heads``, a GPT-NeoX ``head_dim`` that is not
+            ``hidden_size / num_attention_heads``); a ``rope_scaling`` type other than
+            :data:`ROPE_SCALING_TYPES`; a file that is not a JSON object.
         FileNotFoundError: a path without a config.json.
     """
     if isinstance(config, (str, os.PathLike)):
@@ -345,9 +578,7 @@ def config_from_hf(config: Any) -> ModelConfig:
             "config_from_hf: expected a transformers config, a dict or a path, got "
             f"{type(config).__name__}"
         )
-    if ARCHITECTURES[arch] == "gpt2":
-        return _from_gpt2(hf, arch)
-    return _from_gpt_neo(hf, arch)
+    return _FROM_HF[ARCHITECTURES[arch]](hf, arch)
 
 
 def _head_size(d_model: int, n_heads: int) -> int:
@@ -399,4 +630,136 @@ def _from_gpt_neo(hf: Any, arch: str) -> ModelConfig:
         window_size=int(hf.window_size),
         use_attn_scale=False,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        attn_qkv_bias=False,
     )
+
+
+def _rope(hf: Any, d_head: int) -> tuple[int, float, RopeScaling | None]:
+    """``(rotary_dim, rotary_base, rope_scaling)`` of a transformers config.
+
+    transformers 5 gathers them in ``rope_parameters``; older versions kept ``rope_theta``
+    and ``rope_scaling`` (GPT-NeoX: ``rotary_emb_base``, ``rotary_pct``) as attributes.
+    """
+    params = getattr(hf, "rope_parameters", None)
+    if not isinstance(params, Mapping):
+        params = dict(getattr(hf, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf, "rope_theta", None))
+        params.setdefault("partial_rotary_factor", getattr(hf, "rotary_pct", 1.0))
+        if params["rope_theta"] is None:
+            params["rope_theta"] = getattr(hf, "rotary_emb_base", 10000.0)
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = None
+    if kind != "default":
+        if kind not in ROPE_SCALING_TYPES:
+            raise ValueError(f"config_from_hf: {_unknown_rope_type(kind)}")
+        names = [f.name for f in dataclasses.fields(RopeScaling)][1:]
+        scaling = RopeScaling(kind, **{k: params[k] for k in names if k in params})
+    fraction = params.get("partial_rotary_factor", 1.0)
+    return int(d_head * float(fraction)), float(params["rope_theta"]), scaling
+
+
+def _attn_kinds(hf: Any, arch: str, n_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """Per-layer ``"global"``/``"local"`` and the window, as transformers' modelling reads them.
+
+    Mistral slides every layer when ``sliding_window`` is set; Qwen2 lists its layers in
+    ``layer_types`` (``"sliding_attention"`` from ``max_window_layers`` on, and only with
+    ``use_sliding_window``, which transformers reflects by a null ``sliding_window``); Llama
+    never slides (it ignores a ``sliding_window`` key).
+    """
+    window = getattr(hf, "sliding_window", None)
+    if arch == "LlamaForCausalLM" or not window:
+        return ("global",) * n_layers, None
+    if arch == "MistralForCausalLM":
+        return ("local",) * n_layers, int(window)
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * n_layers
+    kinds = {"full_attention": "global", "sliding_attention": "local"}
+    if len(types) != n_layers or any(t not in kinds for t in types):
+        raise ValueError(
+            f"config_from_hf: layer_types must give 'full_attention' or 'sliding_attention' "
+            f"for each of the {n_layers} layers, got {_got(types)}"
+        )
+    return tuple(kinds[t] for t in types), int(window)
+
+
+def _from_llama(hf: Any, arch: str) -> ModelConfig:
+    """Llama, Mistral and Qwen2: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    if getattr(hf, "mlp_bias", False):
+        raise ValueError(f"config_from_hf: {arch} with mlp_bias=true is not supported")
+    d_model, n_heads, n_layers = (
+        int(hf.hidden_size),
+        int(hf.num_attention_heads),
+        int(hf.num_hidden_layers),
+    )
+    explicit = getattr(hf, "head_dim", None)  # may differ from hidden_size / heads (HF too)
+    d_head = int(explicit) if explicit else _head_size(d_model, n_heads)
+    rotary_dim, base, scaling = _rope(hf, d_head)
+    kinds, window = _attn_kinds(hf, arch, n_layers)
+    qwen2 = arch == "Qwen2ForCausalLM"  # q/k/v biases always, no output bias
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        architecture=arch,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=int(hf.intermediate_size),
+        d_vocab=int(hf.vocab_size),
+        n_ctx=int(hf.max_position_embeddings),
+        act_fn=str(hf.hidden_act),
+        eps=float(hf.rms_norm_eps),
+        attn_types=kinds,
+        window_size=window,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        n_kv_heads=int(getattr(hf, "num_key_value_heads", None) or n_heads),
+        normalization="RMS",
+        positional="rotary",
+        rotary_dim=rotary_dim,
+        rotary_base=base,
+        rope_scaling=scaling,
+        gated_mlp=True,
+        attn_qkv_bias=qwen2 or bias,
+        attn_out_bias=bias and not qwen2,
+    )
+
+
+def _from_gpt_neox(hf: Any, arch: str) -> ModelConfig:
+    """GPT-NeoX (Pythia): LayerNorm, partial RoPE, parallel attention and MLP."""
+    d_model, n_heads = int(hf.hidden_size), int(hf.num_attention_heads)
+    d_head = _head_size(d_model, n_heads)
+    explicit = getattr(hf, "head_dim", None)
+    if explicit is not None and explicit != d_head:
+        raise ValueError(
+            f"config_from_hf: head_dim {explicit} does not match hidden_size / "
+            f"num_attention_heads = {d_model} / {n_heads} = {d_head}; GPT-NeoX heads are "
+            "hidden_size / num_attention_heads wide"
+        )
+    rotary_dim, base, scaling = _rope(hf, d_head)
+    bias = bool(getattr(hf, "attention_bias", True))
+    return ModelConfig(
+        architecture=arch,
+        n_layers=int(hf.num_hidden_layers),
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=int(hf.intermediate_size),
+        d_vocab=int(hf.vocab_size),
+        n_ctx=int(hf.max_position_embeddings),
+        act_fn=str(hf.hidden_act),
+        eps=float(hf.layer_norm_eps),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        positional="rotary",
+        rotary_dim=rotary_dim,
+        rotary_base=base,
+        rope_scaling=scaling,
+        parallel_attn_mlp=bool(getattr(hf, "use_parallel_residual", True)),
+        attn_qkv_bias=bias,
+        attn_out_bias=bias,
+    )
+
+
+_FROM_HF: dict[str, Callable[[Any, str], ModelConfig]] = {
+    "gpt2": _from_gpt2,
+    "gpt_neo": _from_gpt_neo,
+    "gpt_neox": _from_gpt_neox,
+    "llama": _from_llama,
+}

@@ -37,6 +37,7 @@ class StateDictReader:
         family: name used in messages (``"GPT-2"``).
         prefixes: stripped from a key that starts with one of them.
         dtype: dtype every tensor is cast to (``None`` keeps it).
+        aliases: older key names (without prefix) -> the names ``expected`` uses.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class StateDictReader:
         family: str,
         prefixes: tuple[str, ...] = (),
         dtype: Any = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self._sd = state_dict
         self._expected = {**expected, **optional}
@@ -60,6 +62,7 @@ class StateDictReader:
             if not isinstance(key, str):
                 raise CheckpointError(f"{family} state dict: keys must be strings, got {key!r}")
             name = next((key[len(p) :] for p in prefixes if key.startswith(p)), key)
+            name = (aliases or {}).get(name, name)
             if skip.fullmatch(name):
                 continue
             if name not in self._expected:
@@ -80,6 +83,7 @@ class StateDictReader:
             raise CheckpointError(f"{family} state dict: missing key {shown}{more}")
 
     def has(self, name: str) -> bool:
+        """Whether the state dict holds ``name`` (after prefix stripping)."""
         return name in self._keys
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -189,14 +193,18 @@ def convert(
         family=layout.name,
         prefixes=layout.prefixes,
         dtype=dtype,
+        aliases=layout.aliases,
     )
     d_head = config.d_head
+    size = sizes(config)
     flat: dict[str, Any] = {}
     like: Any = None  # the first leaf: zeros take its dtype and array kind
 
     def read(tensor: Tensor, layer: int, *, index: int) -> Any:
         key = tensor.key.format(i=layer)
-        if reader.has(key):
+        if not tensor.stored(config):  # the config has no such tensor (a bias it lacks)
+            x = zeros(dims(tensor.shape, size), like)
+        elif reader.has(key):
             x = reader.get(key)
         elif tensor.if_missing == ZEROS:
             x = zeros(reader.shape(key), like)
@@ -213,7 +221,6 @@ def convert(
             else:
                 flat[path] = read(tensor, 0, index=index)
             like = flat[path] if like is None else like
-    size = sizes(config)
     for path, shape in layout.zeros.items():
         flat[path] = zeros(dims(shape, size), like)
     return updated({}, flat)

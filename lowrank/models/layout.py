@@ -5,7 +5,8 @@ conversion path in :mod:`lowrank.models.conversion` reads any state dict through
 (:class:`Tensor`) names an HF key (``"h.{i}.attn.c_attn.weight"``, ``{i}`` being the layer),
 its shape in size names (``("d_model", "3*n_heads*d_head")``), the canonical leaves it fills,
 how a fused tensor is cut into them (:class:`Split`), the transform that brings each part to
-the canonical layout, and what stands in for it when the key is missing.
+the canonical layout, what stands in for it when the key is missing, and the config flag that
+says whether the checkpoint stores it at all (``when="attn_qkv_bias"``).
 
 Shapes are tuples of dimensions, each a product of size names and integers joined by ``*``;
 the size names are :data:`SIZE_NAMES`, read from the :class:`ModelConfig`.
@@ -47,10 +48,21 @@ __all__ = [
 Transform = Callable[[Any, int], Any]
 
 #: The size names a shape may use.
-SIZE_NAMES = ("n_layers", "n_heads", "d_head", "d_model", "d_mlp", "d_vocab", "n_ctx")
+SIZE_NAMES = (
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_head",
+    "d_model",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+)
 
 #: ``Tensor.if_missing`` value: a missing key reads as zeros of its shape.
 ZEROS = "<zeros>"
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def sizes(config: ModelConfig) -> dict[str, int]:
@@ -103,6 +115,8 @@ class Tensor:
         if_missing: ``None``: the key is required. :data:`ZEROS`: it may be absent and then
             reads as zeros. Any other string: it may be absent and then that key is read
             in its place (``"wte.weight"`` for a tied ``lm_head.weight``).
+        when: name of a boolean :class:`ModelConfig` field (``"attn_qkv_bias"``); where it is
+            false the checkpoint must not hold the key, and the leaves are zeros.
     """
 
     key: str
@@ -111,6 +125,7 @@ class Tensor:
     transform: Transform | None = None
     split: Split | None = None
     if_missing: str | None = None
+    when: str | None = None
 
     def __post_init__(self) -> None:
         names = {f for dim in self.shape for f in dim.split("*") if not f.isdigit()}
@@ -118,14 +133,22 @@ class Tensor:
             raise ValueError(f"Tensor {self.key!r}: unknown size names {sorted(names)}")
         if (len(self.leaf_paths) > 1) != (self.split is not None):
             raise ValueError(f"Tensor {self.key!r}: a split goes with several leaves")
+        if self.when is not None and self.when not in _CONFIG_FIELDS:
+            raise ValueError(f"Tensor {self.key!r}: when={self.when!r} is not a ModelConfig field")
 
     @property
     def leaf_paths(self) -> tuple[str, ...]:
+        """The canonical tree paths this tensor fills (several for a fused tensor)."""
         return (self.leaves,) if isinstance(self.leaves, str) else self.leaves
 
     @property
     def per_layer(self) -> bool:
+        """Whether the key names one tensor per layer (``{i}`` in it)."""
         return "{i}" in self.key
+
+    def stored(self, config: ModelConfig) -> bool:
+        """Whether a checkpoint of ``config`` holds this tensor (see ``when``)."""
+        return self.when is None or bool(getattr(config, self.when))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +158,13 @@ class Layout:
     Attributes:
         name: the family as messages name it (``"GPT-2"``).
         family: the :attr:`ModelConfig.family` it reads (``"gpt2"``).
-        tensors: the rows, in state-dict order; the first must be required (zero leaves
-            take its dtype and array kind).
+        tensors: the rows, in state-dict order; the first must be required and stored by
+            every config (zero leaves take its dtype and array kind).
         zeros: leaves no checkpoint stores -> their canonical shape in size names.
         prefixes: key prefixes that may be present and are stripped (``"transformer."``).
         ignored: regex of keys (without prefix) that are skipped (non-persistent buffers).
+        aliases: older names of keys (without prefix) -> the name the table uses
+            (``{"embed_out.weight": "lm_head.weight"}``).
     """
 
     name: str
@@ -148,9 +173,11 @@ class Layout:
     zeros: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     prefixes: tuple[str, ...] = ()
     ignored: str = ""
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.tensors[0].if_missing is not None:
+        first = self.tensors[0]
+        if first.if_missing is not None or first.when is not None:
             raise ValueError(f"Layout {self.name}: the first tensor must be required")
 
     def keys(self, n_layers: int) -> list[tuple[str, Tensor]]:
@@ -166,12 +193,15 @@ class Layout:
 def state_dict_shapes(
     layout: Layout, config: ModelConfig, *, optional: bool = False
 ) -> dict[str, tuple[int, ...]]:
-    """HF key (without prefix) -> shape, for every required key (``optional``: the others)."""
+    """HF key (without prefix) -> shape, for every required key (``optional``: the others).
+
+    Keys of rows that ``config`` does not store (:attr:`Tensor.when`) are in neither.
+    """
     size = sizes(config)
     return {
         key: dims(t.shape, size)
         for key, t in layout.keys(config.n_layers)
-        if (t.if_missing is not None) == optional
+        if (t.if_missing is not None) == optional and t.stored(config)
     }
 
 
@@ -195,7 +225,10 @@ def qkv_from_conv1d(x: Any, d_head: int) -> Any:
 
 
 def qkv_from_linear(x: Any, d_head: int) -> Any:
-    """``nn.Linear`` ``[H * d_head, d_model]`` -> ``[H, d_model, d_head]``."""
+    """``nn.Linear`` ``[H * d_head, d_model]`` -> ``[H, d_model, d_head]``.
+
+    ``H`` may be the number of key/value heads.
+    """
     return x.reshape(-1, d_head, x.shape[1]).transpose(0, 2, 1)
 
 

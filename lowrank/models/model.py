@@ -30,9 +30,18 @@ class TransformerModel:
 
     Weights use TransformerLens's names and layouts, stacked over layers:
     ``W_Q, W_K, W_V [L, H, d_model, d_head]``, ``W_O [L, H, d_head, d_model]``,
-    ``W_in [L, d_model, d_mlp]``, ``W_out [L, d_mlp, d_model]``, ``W_E [d_vocab, d_model]``,
-    ``W_pos [n_ctx, d_model]``, ``W_U [d_model, d_vocab]``. ``OV`` and ``QK`` are
-    ``FactoredMatrix [L, H, d_model, d_model]``.
+    ``W_in [L, d_model, d_mlp]`` (and ``W_gate`` for gated MLPs), ``W_out [L, d_mlp,
+    d_model]``, ``W_E [d_vocab, d_model]``, ``W_pos [n_ctx, d_model]`` (learned positions
+    only), ``W_U [d_model, d_vocab]``. ``OV`` and ``QK`` are ``FactoredMatrix [L, H,
+    d_model, d_model]``.
+
+    Grouped-query models (``n_kv_heads < n_heads``) keep their keys and values grouped in
+    ``params`` (``W_K``, ``W_V [L, n_kv_heads, d_model, d_head]``). ``W_K``, ``W_V``,
+    ``b_K``, ``b_V`` here are TransformerLens's per-query-head view: a copy repeated over each
+    group (``jnp.repeat``, only in these four properties). ``OV`` and ``QK`` never repeat:
+    their head axis is split in two, ``[L, n_kv_heads, group, d_model, d_model]`` (query head
+    ``h`` is ``(h // group, h % group)``), with the key/value factor broadcast over ``group``;
+    ``.reshape(L, H, ...)`` any per-head result (``eigvals(model.OV).reshape(L, H, -1)``).
 
     Call it (``model(tokens)``) for logits; the call is jitted, and the model itself can be
     passed through ``jax.jit`` / ``jax.vmap`` as an argument.
@@ -58,6 +67,7 @@ class TransformerModel:
 
     @property
     def dtype(self) -> Any:
+        """The parameters' dtype."""
         return self.W_E.dtype
 
     @property
@@ -68,18 +78,28 @@ class TransformerModel:
     # ---------------------------------------------------------------- weights
     @property
     def W_E(self) -> Array:
+        """Token embedding ``[d_vocab, d_model]``."""
         return self.params["embed"]["W_E"]
 
     @property
     def W_pos(self) -> Array:
+        """``[n_ctx, d_model]``; rotary models have none (``AttributeError``)."""
+        if self.config.positional != "learned":
+            raise AttributeError(
+                f"TransformerModel.W_pos: {self.config.architecture} uses "
+                f"{self.config.positional} position embeddings (applied to queries and keys); "
+                "it has no learned W_pos"
+            )
         return self.params["pos_embed"]["W_pos"]
 
     @property
     def W_U(self) -> Array:
+        """Unembedding ``[d_model, d_vocab]``."""
         return self.params["unembed"]["W_U"]
 
     @property
     def b_U(self) -> Array:
+        """Unembedding bias ``[d_vocab]``."""
         return self.params["unembed"]["b_U"]
 
     def _attn(self, name: str) -> Array:
@@ -88,14 +108,32 @@ class TransformerModel:
     def _mlp(self, name: str) -> Array:
         return self.params["blocks"]["mlp"][name]
 
+    def _per_query_head(self, name: str) -> Array:
+        """A key/value leaf ``[L, n_kv_heads, ...]`` repeated to ``[L, H, ...]``."""
+        x = self._attn(name)
+        group = self.config.group_size
+        return x if group == 1 else jnp.repeat(x, group, axis=1)
+
+    def _grouped(self, x: Array) -> Array:
+        """``[L, H, ...]`` -> ``[L, n_kv_heads, group, ...]`` (a reshape, no copy)."""
+        c = self.config
+        return jnp.reshape(x, (x.shape[0], c.n_kv_heads, c.group_size, *x.shape[2:]))
+
     W_Q = property(lambda self: self._attn("W_Q"), doc="``[L, H, d_model, d_head]``")
-    W_K = property(lambda self: self._attn("W_K"), doc="``[L, H, d_model, d_head]``")
-    W_V = property(lambda self: self._attn("W_V"), doc="``[L, H, d_model, d_head]``")
+    W_K = property(
+        lambda self: self._per_query_head("W_K"),
+        doc="``[L, H, d_model, d_head]`` (repeated over each group for grouped-query models)",
+    )
+    W_V = property(
+        lambda self: self._per_query_head("W_V"),
+        doc="``[L, H, d_model, d_head]`` (repeated over each group for grouped-query models)",
+    )
     W_O = property(lambda self: self._attn("W_O"), doc="``[L, H, d_head, d_model]``")
     b_Q = property(lambda self: self._attn("b_Q"), doc="``[L, H, d_head]``")
-    b_K = property(lambda self: self._attn("b_K"), doc="``[L, H, d_head]``")
-    b_V = property(lambda self: self._attn("b_V"), doc="``[L, H, d_head]``")
+    b_K = property(lambda self: self._per_query_head("b_K"), doc="``[L, H, d_head]``")
+    b_V = property(lambda self: self._per_query_head("b_V"), doc="``[L, H, d_head]``")
     b_O = property(lambda self: self._attn("b_O"), doc="``[L, d_model]``")
+    W_gate = property(lambda self: self._mlp("W_gate"), doc="``[L, d_model, d_mlp]`` (gated)")
     W_in = property(lambda self: self._mlp("W_in"), doc="``[L, d_model, d_mlp]``")
     b_in = property(lambda self: self._mlp("b_in"), doc="``[L, d_mlp]``")
     W_out = property(lambda self: self._mlp("W_out"), doc="``[L, d_mlp, d_model]``")
@@ -103,13 +141,28 @@ class TransformerModel:
 
     @property
     def OV(self) -> FactoredMatrix:
-        """``W_V @ W_O`` per head: ``FactoredMatrix [L, H, d_model, d_model]``."""
-        return FactoredMatrix(self.W_V, self.W_O)
+        """``W_V @ W_O`` per query head: ``FactoredMatrix [L, H, d_model, d_model]``.
+
+        Grouped-query models: ``[L, n_kv_heads, group, d_model, d_model]`` with ``A`` the
+        grouped ``W_V [L, n_kv_heads, 1, d_model, d_head]`` (see the class docstring).
+        """
+        W_V, W_O = self._attn("W_V"), self.W_O
+        if self.config.group_size == 1:
+            return FactoredMatrix(W_V, W_O)
+        return FactoredMatrix(W_V[:, :, None], self._grouped(W_O))
 
     @property
     def QK(self) -> FactoredMatrix:
-        """``W_Q @ W_K^T`` per head: ``FactoredMatrix [L, H, d_model, d_model]``."""
-        return FactoredMatrix(self.W_Q, jnp.swapaxes(self.W_K, -1, -2))
+        """``W_Q @ W_K^T`` per query head: ``FactoredMatrix [L, H, d_model, d_model]``.
+
+        Ignores the rotary embedding (as TransformerLens). Grouped-query models: ``[L,
+        n_kv_heads, group, d_model, d_model]`` with ``B`` the grouped ``W_K^T [L, n_kv_heads,
+        1, d_head, d_model]`` (see the class docstring).
+        """
+        W_Q, W_K_T = self.W_Q, jnp.swapaxes(self._attn("W_K"), -1, -2)
+        if self.config.group_size == 1:
+            return FactoredMatrix(W_Q, W_K_T)
+        return FactoredMatrix(self._grouped(W_Q), W_K_T[:, :, None])
 
     # ---------------------------------------------------------------- forward
     def forward(

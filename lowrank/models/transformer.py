@@ -3,11 +3,18 @@
 The linen module's parameters *are* the canonical tree: ``Transformer(config).apply(
 {"params": params}, tokens)`` with ``params`` as produced by the converters and processing
 functions. The layers run in one ``nn.scan`` over the stacked layer axis; per-layer
-attention settings (GPT-Neo's local windows, GPT-2's inverse-layer scaling) are scanned
+attention settings (local / sliding windows, GPT-2's inverse-layer scaling) are scanned
 arrays, so every layer shares one compiled body.
 
-A tree without ``blocks.ln1``/``blocks.ln2``/``ln_final`` (folded LayerNorm, see
-:mod:`lowrank.models.processing`) makes the LayerNorms normalise without scale or shift.
+Every family difference is an option of :class:`~lowrank.models.config.ModelConfig`:
+LayerNorm or RMSNorm (``normalization``), learned or rotary positions (``positional``,
+with partial rotation, HF's ``rotate_half`` pairing ``(i, i + rotary_dim / 2)``, and
+``linear`` / ``llama3`` frequency scaling), grouped-query attention (``n_kv_heads``: each
+key/value head is broadcast over its group of query heads inside the attention, never
+repeated), gated MLPs, parallel attention and MLP.
+
+A tree without ``blocks.ln1``/``blocks.ln2``/``ln_final`` (folded norms, see
+:mod:`lowrank.models.processing`) makes the norms normalise without scale or shift.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank._util import compute_dtype
 from lowrank.models._common import Params
 from lowrank.models.config import ModelConfig
 from lowrank.models.processing import is_layer_norm_folded
 
-__all__ = ["ACTIVATION_FNS", "Transformer", "forward", "init_params"]
+__all__ = ["ACTIVATION_FNS", "Transformer", "forward", "init_params", "rotary_frequencies"]
 
 Array = jax.Array
 
@@ -44,11 +52,6 @@ ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
 _w_init = nn.initializers.normal(stddev=0.02)
 
 
-def _at_least_f32(dtype: Any) -> Any:
-    """float32 for bfloat16/float16, the dtype itself otherwise (float32, float64)."""
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis; without weights (``with_params=False``) once folded."""
 
@@ -59,7 +62,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dtype = x.dtype
-        x = x.astype(_at_least_f32(dtype))  # statistics in float32 or wider
+        x = x.astype(compute_dtype(dtype))  # statistics in float32 or wider
         x = x - x.mean(axis=-1, keepdims=True)
         x = (x / jnp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)).astype(dtype)
         if self.with_params:
@@ -69,43 +72,123 @@ class LayerNorm(nn.Module):
         return x
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis (weight, no bias); without weight once folded."""
+
+    eps: float
+    with_params: bool = True
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(compute_dtype(dtype))  # statistics in float32 or wider
+        x = (x * jax.lax.rsqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)).astype(dtype)
+        if self.with_params:
+            x = x * self.param("w", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return x
+
+
+_NORMS: dict[str, type[nn.Module]] = {"LN": LayerNorm, "RMS": RMSNorm}
+
+
+def rotary_frequencies(config: ModelConfig) -> np.ndarray:
+    """The RoPE inverse frequencies ``[rotary_dim / 2]`` (float64), scaled as configured.
+
+    ``base ** (-2i / rotary_dim)``, then ``linear`` divides all of them by the factor and
+    ``llama3`` divides those of wavelength above ``original / low_freq_factor``, keeps those
+    below ``original / high_freq_factor`` and interpolates in between (as transformers).
+    """
+    dim = int(config.rotary_dim or config.d_head)
+    inv = 1.0 / config.rotary_base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    if s.rope_type == "linear":
+        return inv / s.factor
+    wavelen = 2 * np.pi / inv
+    old = s.original_max_position_embeddings
+    scaled = np.where(wavelen > old / s.low_freq_factor, inv / s.factor, inv)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+    return np.where(medium, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
+
+
+def _rotary_tables(config: ModelConfig, seq: int) -> tuple[Array, Array]:
+    """``cos, sin [seq, rotary_dim]`` (float32) for positions ``0 .. seq - 1``."""
+    inv = jnp.asarray(rotary_frequencies(config), dtype=jnp.float32)
+    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """RoPE on the first ``rotary_dim`` features of ``x [batch, seq, heads, d_head]``.
+
+    HF's ``rotate_half`` convention: feature ``i`` pairs with ``i + rotary_dim / 2``.
+    """
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = jnp.concatenate([-rot[..., r // 2 :], rot[..., : r // 2]], axis=-1)
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    return jnp.concatenate([rot * cos + half * sin, rest], axis=-1)
+
+
 class Attention(nn.Module):
-    """Causal multi-head attention with a per-call window and score divisor."""
+    """Causal attention with a per-call window and score divisor, optional RoPE and GQA.
+
+    Grouped-query heads: ``n_kv_heads`` key/value heads, each read by ``n_heads // n_kv_heads``
+    consecutive query heads.
+    """
 
     n_heads: int
     d_head: int
     param_dtype: Any = jnp.float32
     precision: Any = None
+    n_kv_heads: int | None = None
 
     @nn.compact
-    def __call__(self, x: Array, window: Array, scale: Array) -> tuple[Array, Array]:
+    def __call__(
+        self, x: Array, window: Array, scale: Array, rope: tuple[Array, Array] | None = None
+    ) -> tuple[Array, Array]:
         """``x: [batch, seq, d]`` -> output ``[batch, seq, d]``, pattern ``[batch, H, q, k]``."""
         H, dh, d, pd = self.n_heads, self.d_head, x.shape[-1], self.param_dtype
+        K = self.n_kv_heads or H
         ein = functools.partial(jnp.einsum, precision=self.precision)
         q, k, v = (
-            ein("bsd,hde->bshe", x, self.param(f"W_{n}", _w_init, (H, d, dh), pd))
-            + self.param(f"b_{n}", nn.initializers.zeros, (H, dh), pd)
-            for n in "QKV"
+            ein("bsd,hde->bshe", x, self.param(f"W_{n}", _w_init, (h, d, dh), pd))
+            + self.param(f"b_{n}", nn.initializers.zeros, (h, dh), pd)
+            for n, h in (("Q", H), ("K", K), ("V", K))
         )
         W_O = self.param("W_O", _w_init, (H, dh, d), pd)
         b_O = self.param("b_O", nn.initializers.zeros, (d,), pd)
-        scores = ein("bqhe,bkhe->bhqk", q, k) / scale
-        seq = x.shape[-2]
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        batch, seq = x.shape[:-2], x.shape[-2]
+        q = q.reshape(*batch, seq, K, H // K, dh)  # query head h = (h // group, h % group)
+        scores = ein("bqkge,bske->bkgqs", q, k).reshape(*batch, H, seq, seq) / scale
         qpos = jnp.arange(seq, dtype=jnp.int32)[:, None]
         kpos = jnp.arange(seq, dtype=jnp.int32)[None, :]
         allowed = (kpos <= qpos) & (qpos - kpos < window)
-        scores = scores.astype(_at_least_f32(scores.dtype))
+        scores = scores.astype(compute_dtype(scores.dtype))
         scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
         pattern = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        z = ein("bhqk,bkhe->bqhe", pattern, v)
+        grouped = pattern.reshape(*batch, K, H // K, seq, seq)
+        z = ein("bkgqs,bske->bqkge", grouped, v).reshape(*batch, seq, H, dh)
         return ein("bqhe,hed->bqd", z, W_O) + b_O, pattern
 
 
 class MLP(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``, or gated as TransformerLens's ``GatedMLP``.
+
+    Gated: ``(act(x W_gate) * (x W_in) + b_in) W_out + b_out``.
+    """
+
     d_mlp: int
     act_fn: str
     param_dtype: Any = jnp.float32
     precision: Any = None
+    gated: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -114,12 +197,23 @@ class MLP(nn.Module):
         b_in = self.param("b_in", nn.initializers.zeros, (m,), pd)
         W_out = self.param("W_out", _w_init, (m, d), pd)
         b_out = self.param("b_out", nn.initializers.zeros, (d,), pd)
-        post = ACTIVATION_FNS[self.act_fn](jnp.matmul(x, W_in, precision=self.precision) + b_in)
+        act = ACTIVATION_FNS[self.act_fn]
+        if self.gated:
+            W_gate = self.param("W_gate", _w_init, (d, m), pd)
+            gate = act(jnp.matmul(x, W_gate, precision=self.precision))
+            post = gate * jnp.matmul(x, W_in, precision=self.precision) + b_in
+        else:
+            post = act(jnp.matmul(x, W_in, precision=self.precision) + b_in)
         return jnp.matmul(post, W_out, precision=self.precision) + b_out
 
 
 class Block(nn.Module):
-    """One pre-LayerNorm transformer block, written as a scan body ``(resid, xs) -> ...``."""
+    """One pre-norm transformer block, written as a scan body ``(resid, xs, rope) -> ...``.
+
+    Sequential: ``mid = x + attn(ln1(x))``, ``out = mid + mlp(ln2(mid))``; parallel
+    (``parallel_attn_mlp``): ``out = x + attn(ln1(x)) + mlp(ln2(x))``, and the
+    ``resid_mid`` activation is ``x + attn(ln1(x))``.
+    """
 
     config: ModelConfig
     ln_weights: bool = True
@@ -128,15 +222,19 @@ class Block(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, resid: Array, xs: tuple[Array, Array]) -> tuple[Array, Any]:
+    def __call__(
+        self, resid: Array, xs: tuple[Array, Array], rope: tuple[Array, Array] | None = None
+    ) -> tuple[Array, Any]:
         c, pd, prec = self.config, self.param_dtype, self.precision
         window, scale = xs
-        ln1 = LayerNorm(c.eps, self.ln_weights, pd, name="ln1")
-        ln2 = LayerNorm(c.eps, self.ln_weights, pd, name="ln2")
-        attn = Attention(c.n_heads, c.d_head, pd, prec, name="attn")
-        attn_out, pattern = attn(ln1(resid), window, scale)
+        Norm = _NORMS[c.normalization]
+        ln1 = Norm(c.eps, self.ln_weights, pd, name="ln1")
+        ln2 = Norm(c.eps, self.ln_weights, pd, name="ln2")
+        attn = Attention(c.n_heads, c.d_head, pd, prec, c.n_kv_heads, name="attn")
+        attn_out, pattern = attn(ln1(resid), window, scale, rope)
         mid = resid + attn_out
-        post = mid + MLP(c.d_mlp, c.act_fn, pd, prec, name="mlp")(ln2(mid))
+        mlp = MLP(c.d_mlp, c.act_fn, pd, prec, c.gated_mlp, name="mlp")
+        post = mid + mlp(ln2(resid if c.parallel_attn_mlp else mid))
         if not self.return_activations:
             return post, None
         return post, {"resid_pre": resid, "resid_mid": mid, "resid_post": post, "pattern": pattern}
@@ -178,7 +276,7 @@ class _Unembed(nn.Module):
 
 
 class Transformer(nn.Module):
-    """GPT-2 / GPT-Neo decoder: int tokens ``[batch, seq]`` -> logits ``[batch, seq, V]``.
+    """Decoder-only transformer: int tokens ``[batch, seq]`` -> logits ``[batch, seq, V]``.
 
     Attributes:
         config: the model's :class:`ModelConfig`.
@@ -197,20 +295,26 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array) -> Any:
+        """Logits ``[..., seq, d_vocab]`` of ``tokens`` (and the activations when asked)."""
         c, pd, prec = self.config, self.param_dtype, self.precision
+        seq = tokens.shape[-1]
         resid = _Embed(c.d_vocab, c.d_model, pd, name="embed")(tokens)
-        resid = resid + _PosEmbed(c.n_ctx, c.d_model, pd, name="pos_embed")(tokens.shape[-1])
+        rope = None
+        if c.positional == "rotary":
+            rope = _rotary_tables(c, seq)
+        else:
+            resid = resid + _PosEmbed(c.n_ctx, c.d_model, pd, name="pos_embed")(seq)
         windows = jnp.asarray(np.asarray(c.attn_windows, dtype=np.int32))
         scales = jnp.asarray(np.asarray(c.attn_scales), dtype=resid.dtype)
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=0,
+            in_axes=(0, nn.broadcast),
             length=c.n_layers,
         )(c, self.ln_weights, self.return_activations, pd, prec, name="blocks")
-        resid, acts = blocks(resid, (windows, scales))
-        x = LayerNorm(c.eps, self.ln_weights, pd, name="ln_final")(resid)
+        resid, acts = blocks(resid, (windows, scales), rope)
+        x = _NORMS[c.normalization](c.eps, self.ln_weights, pd, name="ln_final")(resid)
         logits = _Unembed(c.d_vocab, pd, prec, name="unembed")(x)
         return (logits, acts) if self.return_activations else logits
 

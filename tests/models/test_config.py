@@ -102,8 +102,8 @@ def test_hashable_and_static_under_jit():
     "cfg, match",
     [
         (
-            {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-            "unsupported architecture 'LlamaForCausalLM'.*GPT2LMHeadModel",
+            {"architectures": ["OPTForCausalLM"], "model_type": "opt"},
+            "unsupported architecture 'OPTForCausalLM'.*GPT2LMHeadModel",
         ),
         ({"model_type": "bert"}, "unsupported model type 'bert'"),
         ({"model_type": "gpt2", "n_embd": 30, "n_head": 4}, "not divisible"),
@@ -203,7 +203,8 @@ def test_bad_config_values(cfg, message):
 
 def test_transformers_errors_become_one_value_error_line(monkeypatch):
     """Whatever transformers raises on keys lowrank does not read (its strict dataclass
-    errors are neither ValueError nor one line) becomes one ValueError line."""
+    errors are neither ValueError nor one line) becomes one ValueError line.
+    """
     from transformers import GPT2Config
 
     class StrictError(Exception):

@@ -167,9 +167,9 @@ def test_base_model_without_lm_head(gpt2_checkpoint, tmp_path):
 def test_unknown_architecture(gpt2_checkpoint, tmp_path):
     copy_checkpoint(gpt2_checkpoint.path, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    config.update(architectures=["OPTForCausalLM"], model_type="opt")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'"):
+    with pytest.raises(ValueError, match="unsupported architecture 'OPTForCausalLM'"):
         load_pretrained(tmp_path)
 
 
@@ -393,7 +393,8 @@ def outside_message(directory, name):
 @pytest.mark.parametrize("form", ["absolute", "dotdot", "symlink", "symlinked_dir"])
 def test_shard_outside_the_checkpoint(gpt2_checkpoint, tmp_path, form):
     """An index naming a file outside the checkpoint is refused, whether the file exists
-    or not, with the same message (which does not tell them apart)."""
+    or not, with the same message (which does not tell them apart).
+    """
     ckpt = tmp_path / "ckpt"
     index = sharded_checkpoint(gpt2_checkpoint, ckpt)
     shard = sorted(set(index["weight_map"].values()))[0]
@@ -426,7 +427,8 @@ def test_shard_outside_the_checkpoint(gpt2_checkpoint, tmp_path, form):
 
 def test_shard_inside_the_checkpoint_via_symlink(gpt2_checkpoint, gpt2_model, tmp_path):
     """Names that resolve inside the directory still load: subfolders, ``x/../y``, links
-    between files of the checkpoint, and a checkpoint directory reached through a link."""
+    between files of the checkpoint, and a checkpoint directory reached through a link.
+    """
     ckpt = tmp_path / "ckpt"
     index = sharded_checkpoint(gpt2_checkpoint, ckpt)
     first, second, *_ = sorted(set(index["weight_map"].values()))

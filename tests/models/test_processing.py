@@ -32,7 +32,7 @@ def flag_id(flags):
 
 @pytest.fixture(scope="module")
 def converted(gpt2_checkpoint, gpt_neo_checkpoint):
-    """family -> (config, unprocessed NumPy tree)."""
+    """Family -> (config, unprocessed NumPy tree)."""
     out = {}
     for ckpt in (gpt2_checkpoint, gpt_neo_checkpoint):
         config = config_from_hf(ckpt.path)
