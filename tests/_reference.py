@@ -99,3 +99,11 @@ def to_torch(x):
 
 def to_numpy(t):
     return t.detach().cpu().numpy()
+
+
+def log_softmax(x):
+    """Log-probabilities over the last axis, computed in float32, as NumPy."""
+    import jax
+    import jax.numpy as jnp
+
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(x, jnp.float32), axis=-1))

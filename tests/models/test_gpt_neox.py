@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import log_softmax
 from conftest import (
     ROTARY_FAMILY,
     TOKEN_SEQ,
+    canonical_shapes,
     flatten,
     hf_logits,
     hf_numpy_state_dict,
@@ -53,10 +55,6 @@ CASES = {
 @pytest.fixture(scope="module")
 def ckpt(rotary_checkpoint):
     return lambda case: rotary_checkpoint("gpt_neox", CASES[case][0], **CASES[case][1])
-
-
-def log_softmax(x):
-    return np.asarray(jax.nn.log_softmax(jnp.asarray(x, jnp.float32), axis=-1))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -244,29 +242,8 @@ def test_published_configs_abstract(name):
     dh, m = d // H, 4 * d
     assert (config.n_layers, config.n_heads, config.d_head, config.d_mlp) == (L, H, dh, m)
     assert config.rotary_dim == dh // 4 and config.parallel_attn_mlp and config.n_ctx == 2048
-    want = {
-        "embed.W_E": (V, d),
-        "blocks.ln1.w": (L, d),
-        "blocks.ln1.b": (L, d),
-        "blocks.attn.W_Q": (L, H, d, dh),
-        "blocks.attn.W_K": (L, H, d, dh),
-        "blocks.attn.W_V": (L, H, d, dh),
-        "blocks.attn.W_O": (L, H, dh, d),
-        "blocks.attn.b_Q": (L, H, dh),
-        "blocks.attn.b_K": (L, H, dh),
-        "blocks.attn.b_V": (L, H, dh),
-        "blocks.attn.b_O": (L, d),
-        "blocks.ln2.w": (L, d),
-        "blocks.ln2.b": (L, d),
-        "blocks.mlp.W_in": (L, d, m),
-        "blocks.mlp.b_in": (L, m),
-        "blocks.mlp.W_out": (L, m, d),
-        "blocks.mlp.b_out": (L, d),
-        "ln_final.w": (d,),
-        "ln_final.b": (d,),
-        "unembed.W_U": (d, V),
-        "unembed.b_U": (V,),
-    }
+    want = canonical_shapes(L, H, d, dh, m, V, n_ctx=2048)
+    del want["pos_embed.W_pos"]  # rotary: no learned positions
     abstract = {
         k: jax.ShapeDtypeStruct(s, jnp.float16) for k, s in abstract_hf_gpt_neox(hf).items()
     }

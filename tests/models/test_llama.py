@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import log_softmax
 from conftest import (
     ROTARY_FAMILY,
     TOKEN_SEQ,
@@ -59,10 +60,6 @@ CASES = {
 def ckpt(rotary_checkpoint):
     """Factory: a case name of :data:`CASES` -> its checkpoint."""
     return lambda case: rotary_checkpoint(CASES[case][0], CASES[case][1], **CASES[case][2])
-
-
-def log_softmax(x):
-    return np.asarray(jax.nn.log_softmax(jnp.asarray(x, jnp.float32), axis=-1))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import log_softmax
 from conftest import build_gpt2, flatten, hf_logits, hf_numpy_state_dict
 
 from lowrank.models import (
@@ -26,10 +27,6 @@ def converted(gpt2_checkpoint, gpt_neo_checkpoint):
         config = config_from_hf(ckpt.path)
         out[ckpt.family] = config, convert_state_dict(hf_numpy_state_dict(ckpt), config)
     return out
-
-
-def log_softmax(x):
-    return np.asarray(jax.nn.log_softmax(jnp.asarray(x), axis=-1))
 
 
 def test_logits_match_hf(checkpoint, converted, tokens):
