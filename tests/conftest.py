@@ -18,6 +18,11 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _reference import log_softmax  # noqa: E402
+
+# ``flatten`` is re-exported for the tests: it lives with the helpers the benchmarks share.
+from benchmarks.helpers import flatten as flatten  # noqa: E402
+from benchmarks.helpers import hooked_config, stack_layers  # noqa: E402
 
 TOKEN_SEQ = 17  # longer than the GPT-Neo window (5), shorter than n_ctx (24)
 _WORDS = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(60)]
@@ -60,54 +65,50 @@ def _save_tokenizer(path: Path) -> None:
     ).save_pretrained(path)
 
 
-def build_gpt2(path: Path, seed: int = 0, **overrides: Any) -> Any:
-    """Save a random GPT2LMHeadModel (safetensors) in ``path``; return the torch model."""
+#: Settings every small GPT-2 / GPT-Neo checkpoint shares.
+_SMALL = dict(
+    vocab_size=101,
+    initializer_range=0.2,
+    bos_token_id=0,
+    eos_token_id=0,
+    attn_implementation="eager",
+)
+
+
+def _build(path: Path, seed: int, architecture: str, config: Any) -> Any:
+    """Save a random ``transformers.<architecture>(config)`` (safetensors) in ``path``."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(
-        n_layer=3,
-        n_head=4,
-        n_embd=32,
-        vocab_size=101,
-        n_positions=24,
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    kwargs.update(overrides)
-    model = GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+    model = getattr(transformers, architecture)(config).eval()
     _randomise(model, seed)
     model.save_pretrained(path)
     return model
+
+
+def build_gpt2(path: Path, seed: int = 0, **overrides: Any) -> Any:
+    """Save a random GPT2LMHeadModel (safetensors) in ``path``; return the torch model."""
+    from transformers import GPT2Config
+
+    sizes = dict(n_layer=3, n_head=4, n_embd=32, n_positions=24)
+    return _build(path, seed, "GPT2LMHeadModel", GPT2Config(**{**_SMALL, **sizes, **overrides}))
 
 
 def build_gpt_neo(path: Path, seed: int = 1, **overrides: Any) -> Any:
     """Save a random GPTNeoForCausalLM with global and local (window 5) layers."""
-    import torch
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import GPTNeoConfig
 
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(
+    sizes = dict(
         num_layers=4,
         num_heads=4,
         hidden_size=32,
-        vocab_size=101,
         max_position_embeddings=24,
         attention_types=[[["global", "local"], 2]],
         window_size=5,
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
     )
-    kwargs.update(overrides)
-    model = GPTNeoForCausalLM(GPTNeoConfig(**kwargs)).eval()
-    _randomise(model, seed)
-    model.save_pretrained(path)
-    return model
+    config = GPTNeoConfig(**{**_SMALL, **sizes, **overrides})
+    return _build(path, seed, "GPTNeoForCausalLM", config)
 
 
 #: transformers config class and the overrides of each Llama-layout variant's test model.
@@ -142,71 +143,90 @@ LLAMA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             rope_theta=1000.0,
         ),
     ),
+    # heads 16 wide (not d_model / heads = 8), tied embeddings, tanh-GELU gate.
+    "gemma": ("GemmaConfig", dict(head_dim=16, rope_theta=1000.0)),
+    # heads 16 wide, even layers slide with window 5 < TOKEN_SEQ, score divisor sqrt(12),
+    # soft-caps low enough to bind on these weights; untied.
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=16,
+            sliding_window=5,
+            query_pre_attn_scalar=12,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+            tie_word_embeddings=False,
+            rope_theta=1000.0,
+        ),
+    ),
 }
+
+
+#: What every rotary test model shares (its transformers config keywords).
+_ROTARY_COMMON: dict[str, Any] = dict(
+    vocab_size=101,
+    max_position_embeddings=24,
+    initializer_range=0.2,
+    bos_token_id=0,
+    eos_token_id=0,
+    attn_implementation="eager",
+)
 
 
 def build_llama(
     path: Path, variant: str = "llama", seed: int = 2, dtype: Any = None, **overrides: Any
 ) -> Any:
-    """Save a random Llama / Mistral / Qwen2 (:data:`LLAMA_VARIANTS`): 3 layers, 4 query
-    heads sharing 2 key/value heads, d_model 32, non-trivial RMSNorm weights and biases.
+    """Save a random Llama / Mistral / Qwen2 / Gemma / Gemma-2 (:data:`LLAMA_VARIANTS`): 3
+    layers, 4 query heads sharing 2 key/value heads, d_model 32, non-trivial RMSNorm weights
+    and biases.
 
     ``dtype`` (a torch dtype) is the storage dtype; the returned model is float32 and holds
     the stored (rounded) weights, so it is the reference for a float32 load.
     """
-    import torch
-    import transformers
-
     cls_name, variant_kwargs = LLAMA_VARIANTS[variant]
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(
+    sizes = dict(
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
         hidden_size=32,
         intermediate_size=48,
-        vocab_size=101,
-        max_position_embeddings=24,
         rms_norm_eps=1e-5,
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
     )
-    kwargs.update(copy.deepcopy(variant_kwargs))  # transformers fills in nested dicts
-    kwargs.update(copy.deepcopy(overrides))
-    config = getattr(transformers, cls_name)(**kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    _randomise(model, seed)
-    return _save(model, path, dtype)
+    return _build_rotary(path, cls_name, seed, dtype, sizes, variant_kwargs, overrides)
 
 
 def build_gpt_neox(path: Path, seed: int = 3, dtype: Any = None, **overrides: Any) -> Any:
     """Save a random GPTNeoXForCausalLM: 2 layers, partial rotary (a quarter of d_head 16),
     parallel attention and MLP, untied ``embed_out``; see :func:`build_llama` for ``dtype``.
     """
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(
+    sizes = dict(
         num_hidden_layers=2,
         num_attention_heads=2,
         hidden_size=32,
         intermediate_size=64,
-        vocab_size=101,
-        max_position_embeddings=24,
         rotary_pct=0.25,
         rotary_emb_base=100,
         hidden_act="gelu",
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=0,
         tie_word_embeddings=False,
-        attn_implementation="eager",
     )
-    kwargs.update(copy.deepcopy(overrides))  # transformers fills in nested dicts
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs)).eval()
+    return _build_rotary(path, "GPTNeoXConfig", seed, dtype, sizes, overrides)
+
+
+def _build_rotary(
+    path: Path, cls_name: str, seed: int, dtype: Any, *settings: dict[str, Any]
+) -> Any:
+    """Save a random causal LM of config class ``cls_name`` from :data:`_ROTARY_COMMON` updated
+    by each of ``settings`` in turn; the float32 model of what was saved (see :func:`_save`).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(_ROTARY_COMMON)
+    for more in settings:
+        kwargs.update(copy.deepcopy(more))  # transformers fills in nested dicts
+    config = getattr(transformers, cls_name)(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     _randomise(model, seed)
     return _save(model, path, dtype)
 
@@ -277,6 +297,20 @@ def tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 101, size=(2, TOKEN_SEQ)).astype(np.int32)
 
 
+@pytest.fixture(scope="module")
+def converted(
+    gpt2_checkpoint: Checkpoint, gpt_neo_checkpoint: Checkpoint
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Family -> (its ``ModelConfig``, its unprocessed tree in NumPy), GPT-2 and GPT-Neo."""
+    from lowrank.models import config_from_hf, convert_state_dict
+
+    out = {}
+    for ckpt in (gpt2_checkpoint, gpt_neo_checkpoint):
+        config = config_from_hf(ckpt.path)
+        out[ckpt.family] = config, convert_state_dict(hf_numpy_state_dict(ckpt), config)
+    return out
+
+
 def hf_logits(ckpt: Checkpoint, tokens: np.ndarray) -> np.ndarray:
     import torch
 
@@ -288,48 +322,40 @@ def hf_numpy_state_dict(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in ckpt.hf_model.state_dict().items()}
 
 
+#: The HF config attributes TransformerLens reads d_model, n_heads, n_layers, n_ctx from.
+_HF_SIZES = {
+    "gpt2": ("n_embd", "n_head", "n_layer", "n_positions"),
+    "gpt_neo": ("hidden_size", "num_heads", "num_layers", "max_position_embeddings"),
+}
+
+
 def tl_config(ckpt: Checkpoint) -> Any:
     """A HookedTransformerConfig mirroring what TransformerLens derives from the HF config."""
-    from transformer_lens import HookedTransformerConfig
-
     c = ckpt.hf_model.config
+    sizes = zip(("d_model", "n_heads", "n_layers", "n_ctx"), _HF_SIZES[ckpt.family], strict=True)
+    d = {field: getattr(c, name) for field, name in sizes}
     if ckpt.family == "gpt2":
-        d = dict(
-            d_model=c.n_embd,
-            d_head=c.n_embd // c.n_head,
-            n_heads=c.n_head,
-            d_mlp=4 * c.n_embd,
-            n_layers=c.n_layer,
-            n_ctx=c.n_positions,
-            eps=c.layer_norm_epsilon,
-            d_vocab=c.vocab_size,
-            act_fn=c.activation_function,
-            use_attn_scale=c.scale_attn_weights,
-            use_local_attn=False,
-            scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
-            normalization_type="LN",
-            original_architecture="GPT2LMHeadModel",
-        )
+        d.update(use_attn_scale=c.scale_attn_weights, use_local_attn=False)
+        d.update(scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx)
     else:
-        d = dict(
-            d_model=c.hidden_size,
-            d_head=c.hidden_size // c.num_heads,
-            n_heads=c.num_heads,
-            d_mlp=4 * c.hidden_size,
-            n_layers=c.num_layers,
-            n_ctx=c.max_position_embeddings,
-            eps=c.layer_norm_epsilon,
-            d_vocab=c.vocab_size,
-            attn_types=c.attention_layers,
-            act_fn=c.activation_function,
-            use_attn_scale=False,
-            use_local_attn=True,
-            window_size=c.window_size,
-            scale_attn_by_inverse_layer_idx=False,
-            normalization_type="LN",
-            original_architecture="GPTNeoForCausalLM",
-        )
-    return HookedTransformerConfig(**d, device="cpu", default_prepend_bos=False)
+        d.update(attn_types=c.attention_layers, window_size=c.window_size)
+        d.update(use_attn_scale=False, use_local_attn=True, scale_attn_by_inverse_layer_idx=False)
+    d.update(
+        d_head=d["d_model"] // d["n_heads"],
+        d_mlp=4 * d["d_model"],
+        eps=c.layer_norm_epsilon,
+        d_vocab=c.vocab_size,
+        act_fn=c.activation_function,
+        normalization_type="LN",
+        original_architecture=type(ckpt.hf_model).__name__,
+    )
+    return hooked_config(d)
+
+
+#: ``load_pretrained`` / ``process_params`` flags that leave the weights as stored.
+NO_PROCESSING = dict(
+    fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+)
 
 
 @pytest.fixture(scope="session")
@@ -385,9 +411,11 @@ def tl_model() -> Any:
 
 def tl_rotary_config(ckpt: Checkpoint) -> Any:
     """A HookedTransformerConfig mirroring what TransformerLens 3.9 derives (its
-    ``loading_from_pretrained``) for a GPT-NeoX, Llama, Mistral or Qwen2 checkpoint.
+    ``loading_from_pretrained``) for a GPT-NeoX, Llama, Mistral, Qwen2, Gemma or Gemma-2
+    checkpoint.
 
-    TransformerLens ignores Qwen2's sliding windows (its logits differ from HF's there).
+    TransformerLens ignores Qwen2's sliding windows and runs Gemma's MLP with the exact GELU
+    (HF: the tanh one), so its logits differ from HF's there.
     """
     from transformer_lens import HookedTransformerConfig
 
@@ -402,7 +430,7 @@ def tl_rotary_config(ckpt: Checkpoint) -> Any:
         n_layers=c.num_hidden_layers,
         n_ctx=c.max_position_embeddings,
         d_vocab=c.vocab_size,
-        act_fn=c.hidden_act,
+        act_fn=getattr(c, "hidden_activation", None) or c.hidden_act,
         positional_embedding_type="rotary",
         rotary_adjacent_pairs=False,
         rotary_base=rope["rope_theta"],
@@ -426,7 +454,45 @@ def tl_rotary_config(ckpt: Checkpoint) -> Any:
     if ckpt.family == "mistral" and c.sliding_window:
         d.update(use_local_attn=True, window_size=c.sliding_window)
         d.update(attn_types=["local"] * c.num_hidden_layers)
+    if ckpt.family == "gemma":
+        d.update(act_fn="gelu")  # TransformerLens's Gemma table
+    if ckpt.family == "gemma2":
+        d.update(_tl_gemma2(c))
     return HookedTransformerConfig(**d, device="cpu", default_prepend_bos=False)
+
+
+def _tl_gemma2(c: Any) -> dict[str, Any]:
+    """TransformerLens's Gemma-2 options (its ``attn_scale``: sqrt(query_pre_attn_scalar))."""
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    return dict(
+        use_normalization_before_and_after=True,
+        attn_scale=c.query_pre_attn_scalar**0.5,
+        attn_scores_soft_cap=c.attn_logit_softcapping,
+        output_logits_soft_cap=c.final_logit_softcapping,
+        use_local_attn=True,
+        window_size=c.sliding_window,
+        attn_types=[kinds[t] for t in c.layer_types],
+    )
+
+
+def _tl_state_dict(ckpt: Checkpoint, cfg: Any) -> dict[str, Any]:
+    """TransformerLens's ``convert_*_weights`` of a rotary checkpoint's HF model (torch)."""
+    import warnings
+
+    import torch
+    from transformer_lens.pretrained.weight_conversions import gemma, llama, mistral, neox, qwen2
+
+    convert = {
+        "gemma": gemma.convert_gemma_weights,
+        "gemma2": gemma.convert_gemma_weights,
+        "gpt_neox": neox.convert_neox_weights,
+        "llama": llama.convert_llama_weights,
+        "mistral": mistral.convert_mistral_weights,
+        "qwen2": qwen2.convert_qwen2_weights,
+    }[ckpt.family]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {k: v.clone() for k, v in convert(ckpt.hf_model, cfg).items()}
 
 
 def tl_rotary_model(ckpt: Checkpoint, **flags: bool) -> Any:
@@ -437,56 +503,56 @@ def tl_rotary_model(ckpt: Checkpoint, **flags: bool) -> Any:
 
     import torch
     from transformer_lens import HookedTransformer
-    from transformer_lens.pretrained.weight_conversions import llama, mistral, neox, qwen2
 
-    convert = {
-        "gpt_neox": neox.convert_neox_weights,
-        "llama": llama.convert_llama_weights,
-        "mistral": mistral.convert_mistral_weights,
-        "qwen2": qwen2.convert_qwen2_weights,
-    }[ckpt.family]
     cfg = tl_rotary_config(ckpt)
+    state_dict = _tl_state_dict(ckpt, cfg)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state_dict = {k: v.clone() for k, v in convert(ckpt.hf_model, cfg).items()}
         model = HookedTransformer(cfg)
         model.load_and_process_state_dict(state_dict, **flags)
     return model.eval()
 
 
-def tl_tree(tl_model: Any) -> dict[str, np.ndarray]:
-    """A TransformerLens model's weights in lowrank's flat layout (layers stacked, grouped
-    ``_W_K`` as ``W_K``, rotary tables and masks left out).
+def _tl_flat(state_dict: dict[str, Any], n_layers: int) -> dict[str, np.ndarray]:
+    """TransformerLens weights in lowrank's flat layout (layers stacked, grouped ``_W_K`` as
+    ``W_K``, rotary tables and masks left out).
     """
-    sd = {k: v.detach().numpy() for k, v in tl_model.state_dict().items()}
-    out: dict[str, np.ndarray] = {}
-    for key, value in sd.items():
-        if key.endswith(("mask", "IGNORE", "rotary_sin", "rotary_cos")):
-            continue
-        parts = key.replace("._", ".").split(".")
-        if parts[0] != "blocks":
-            out[key] = value
-        elif parts[1] == "0":
-            rest = ".".join(parts[2:])
-            layers = range(tl_model.cfg.n_layers)
-            out["blocks." + rest] = np.stack([sd[k] for k in _layer_keys(key, layers)])
-    return out
+    skip = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+    weights = {
+        k.replace("._", "."): v.detach().numpy()
+        for k, v in state_dict.items()
+        if not k.endswith(skip)
+    }
+    return stack_layers(weights, n_layers)
 
 
-def _layer_keys(key0: str, layers: range) -> list[str]:
-    return [key0.replace("blocks.0.", f"blocks.{i}.", 1) for i in layers]
+def tl_tree(tl_model: Any) -> dict[str, np.ndarray]:
+    """A TransformerLens model's weights in lowrank's flat layout (see :func:`_tl_flat`)."""
+    return _tl_flat(tl_model.state_dict(), tl_model.cfg.n_layers)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"blocks.attn.W_Q": leaf, ...}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+def assert_matches_tl_conversion(ckpt: Checkpoint, ours: dict[str, Any]) -> None:
+    """``ours`` (a flat unprocessed tree) is TransformerLens's conversion of ``ckpt`` exactly."""
+    cfg = tl_rotary_config(ckpt)
+    ref = _tl_flat(_tl_state_dict(ckpt, cfg), cfg.n_layers)
+    assert set(ref) == set(ours)
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, ref[key], err_msg=key)
+
+
+def assert_default_processing(ckpt: Checkpoint, tokens: np.ndarray, **steps: bool) -> Any:
+    """``load_pretrained``'s default steps for ``ckpt`` are ``steps`` (TransformerLens's), and the
+    model they give folds its norms, its value biases, and keeps HF's log-probabilities (1e-4).
+    """
+    from lowrank.models import config_from_hf, load_pretrained, processing_steps
+
+    expected = dict(refactor_factored_attn_matrices=False, **steps)
+    assert processing_steps(config_from_hf(ckpt.path)) == expected
+    model = load_pretrained(ckpt.path)
+    assert model.ln_folded and not model.params["blocks"]["attn"]["b_V"].any()
+    ours, ref = log_softmax(model(tokens)), log_softmax(hf_logits(ckpt, tokens))
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    return model
 
 
 def canonical_shapes(
@@ -529,18 +595,8 @@ def canonical_shapes(
 def tl_stacked(tl_model: Any) -> dict[str, np.ndarray]:
     """A TransformerLens state dict in lowrank's flat layout (layers stacked)."""
     sd = {k: v.detach().numpy() for k, v in tl_model.state_dict().items()}
-    n_layers = tl_model.cfg.n_layers
-    out: dict[str, np.ndarray] = {}
-    for key, value in sd.items():
-        if not key.startswith("blocks."):
-            out[key] = value
-            continue
-        _, layer, rest = key.split(".", 2)
-        if rest.endswith(("mask", "IGNORE")):
-            continue
-        if layer == "0":
-            out["blocks." + rest] = np.stack([sd[f"blocks.{i}.{rest}"] for i in range(n_layers)])
-    return out
+    weights = {k: v for k, v in sd.items() if not k.endswith(("mask", "IGNORE"))}
+    return stack_layers(weights, tl_model.cfg.n_layers)
 
 
 # Published hyper-parameters (config.json on the hub), as HF writes them.

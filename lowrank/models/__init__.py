@@ -1,7 +1,8 @@
 """Model loading, TransformerLens-style weight processing and a JAX forward pass.
 
-Reads GPT-2, GPT-Neo, GPT-NeoX (Pythia), Llama, Mistral and Qwen2 checkpoints into one
-canonical parameter tree (nested dicts, layer-stacked, TransformerLens names)::
+Reads GPT-2, GPT-Neo, GPT-NeoX (Pythia), Llama, Mistral, Qwen2, Gemma and Gemma-2
+checkpoints into one canonical parameter tree (nested dicts, layer-stacked, TransformerLens
+names)::
 
     embed.W_E          [d_vocab, d_model]
     pos_embed.W_pos    [n_ctx, d_model]       (learned positions only; not rotary models)
@@ -17,8 +18,10 @@ canonical parameter tree (nested dicts, layer-stacked, TransformerLens names)::
     blocks.mlp.W_out   [L, d_mlp, d_model]    blocks.mlp.b_out [L, d_model]
     ln_final.w, .b     [d_model]              (absent once folded; RMSNorm: no .b)
     unembed.W_U        [d_model, d_vocab]     unembed.b_U      [d_vocab]
+    blocks.ln1_post.w, blocks.ln2_post.w  [L, d_model]  (Gemma-2's post-norms; never folded)
 
-Biases a checkpoint does not store are zeros.
+Biases a checkpoint does not store are zeros. Gemma's ``W_E`` is its embedding times
+``sqrt(d_model)`` and its norm weights are ``1 + w``, what its forward pass applies.
 
 Example::
 
@@ -41,7 +44,12 @@ from lowrank.models.hub import (
     embedded_model_path,
     resolve_checkpoint,
 )
-from lowrank.models.llama import convert_llama_state_dict, llama_state_dict_shapes
+from lowrank.models.llama import (
+    convert_gemma_state_dict,
+    convert_llama_state_dict,
+    gemma_state_dict_shapes,
+    llama_state_dict_shapes,
+)
 from lowrank.models.loading import (
     convert_state_dict,
     load_pretrained,
@@ -76,6 +84,7 @@ __all__ = [
     "center_unembed",
     "center_writing_weights",
     "config_from_hf",
+    "convert_gemma_state_dict",
     "convert_gpt2_state_dict",
     "convert_gpt_neo_state_dict",
     "convert_gpt_neox_state_dict",
@@ -85,6 +94,7 @@ __all__ = [
     "fold_layer_norm",
     "fold_value_biases",
     "forward",
+    "gemma_state_dict_shapes",
     "gpt2_config_dict",
     "gpt2_state_dict",
     "gpt2_state_dict_shapes",

@@ -27,6 +27,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "StateDict",
     "open_state_dict",
+    "read_shard_index",
 ]
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -49,6 +50,10 @@ _MEMMAP_DTYPES: dict[str, Any] = {
     "F8_E4M3": jnp.float8_e4m3fn,
     "F8_E5M2": jnp.float8_e5m2,
 }
+
+
+# safetensors dtype names NumPy knows (the rest read as ``np.void``: not a float).
+_SAFETENSORS_DTYPES: dict[str, Any] = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 class _SafetensorsFile:
@@ -80,6 +85,13 @@ class _SafetensorsFile:
             raise CheckpointError(
                 f"could not read tensor {key!r} from safetensors file {str(self.path)!r}: {err}"
             ) from err
+
+    def dtype(self, key: str) -> np.dtype[Any]:
+        """The stored dtype of ``key``, read from the header (no tensor data)."""
+        name = self._handle.get_slice(key).get_dtype()
+        if name in _MEMMAP_DTYPES:
+            return np.dtype(_MEMMAP_DTYPES[name])
+        return np.dtype(_SAFETENSORS_DTYPES.get(name, np.void))
 
     def _memmap(self, key: str, dtype: Any) -> np.ndarray:
         if self._header is None:
@@ -133,6 +145,15 @@ class _TorchFile:
             t = t.float()
         return np.asarray(t.detach().numpy())
 
+    def dtype(self, key: str) -> np.dtype[Any]:
+        """The dtype :meth:`get` returns for ``key`` (bfloat16 is read as float32)."""
+        import torch
+
+        t = self._sd[key]
+        if t.dtype == torch.bfloat16:
+            return np.dtype(np.float32)
+        return np.dtype(torch.empty((), dtype=t.dtype).numpy().dtype)
+
     def close(self) -> None:
         self._sd = {}
 
@@ -156,6 +177,10 @@ class StateDict(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._key_to_file)
 
+    def dtype(self, key: str) -> np.dtype[Any]:
+        """The dtype ``self[key]`` has, from the file's header where it has one."""
+        return self._key_to_file[key].dtype(key)
+
     @property
     def files(self) -> list[Path]:
         """Paths of the checkpoint files the mapping reads from."""
@@ -178,8 +203,12 @@ class StateDict(Mapping[str, np.ndarray]):
         self.close()
 
 
-def _read_index(path: Path) -> dict[str, str]:
-    """The ``weight_map`` of a shard index: tensor name -> shard file name."""
+def read_shard_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> shard file name (validated).
+
+    Raises:
+        CheckpointError: an unreadable file, or no non-empty ``weight_map`` of names.
+    """
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as err:
@@ -248,7 +277,7 @@ def _open_files(paths: list[Path], opener: Callable[[Path], Any]) -> list[Any]:
 
 def _sharded(directory: Path, index_name: str, opener: Callable[[Path], Any]) -> StateDict:
     index = directory / index_name
-    weight_map = _read_index(index)
+    weight_map = read_shard_index(index)
     names = sorted(set(weight_map.values()))
     roots = _allowed_roots(directory)
     files = _open_files([_shard_path(directory, roots, index, n) for n in names], opener)

@@ -1,8 +1,9 @@
 """ModelConfig: the hyper-parameters of a decoder-only transformer, built from a HF config.
 
-GPT-2, GPT-Neo, GPT-NeoX (Pythia), Llama, Mistral and Qwen2. What differs between the
-families is a set of forward-pass options (normalisation, positions, grouped-query heads,
-gated MLPs, parallel blocks, sliding windows), never per-family code.
+GPT-2, GPT-Neo, GPT-NeoX (Pythia), Llama, Mistral, Qwen2, Gemma and Gemma-2. What differs
+between the families is a set of forward-pass options (normalisation, positions,
+grouped-query heads, gated MLPs, parallel blocks, sliding windows, post-norms, soft-capping),
+never per-family code.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 
 #: HF ``model_type`` -> architecture used when a config names no ``architectures``.
@@ -46,6 +49,8 @@ _MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
 
 #: Architecture -> the ``transformers`` config class that fills in HF's defaults.
@@ -58,6 +63,8 @@ _HF_CONFIG_CLASSES: dict[str, str] = {
     "LlamaForCausalLM": "LlamaConfig",
     "MistralForCausalLM": "MistralConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
+    "GemmaForCausalLM": "GemmaConfig",
+    "Gemma2ForCausalLM": "Gemma2Config",
 }
 
 #: Activation names accepted in ``act_fn`` (the functions live in ``transformer.py``).
@@ -94,7 +101,7 @@ SIZE_LIMITS: dict[str, int] = {
 }
 
 #: The HF ``config.json`` sizes :func:`config_from_hf` reads, per family: key -> the
-#: :data:`SIZE_LIMITS` entry that bounds it.
+#: :class:`ModelConfig` field it fills (and the :data:`SIZE_LIMITS` entry that bounds it).
 _HF_KEYS: dict[str, dict[str, str]] = {
     "gpt2": {
         "n_layer": "n_layers",
@@ -134,6 +141,19 @@ _HF_KEYS: dict[str, dict[str, str]] = {
         "sliding_window": "window_size",
     },
 }
+_HF_KEYS["gemma"] = _HF_KEYS["gemma2"] = _HF_KEYS["llama"]
+
+#: Per family, the HF keys of the MLP activation and of the norm epsilon.
+_HF_ACT_EPS: dict[str, tuple[str, str]] = {
+    "gpt2": ("activation_function", "layer_norm_epsilon"),
+    "gpt_neo": ("activation_function", "layer_norm_epsilon"),
+    "gpt_neox": ("hidden_act", "layer_norm_eps"),
+    "llama": ("hidden_act", "rms_norm_eps"),
+    "gemma": ("hidden_act", "rms_norm_eps"),
+    "gemma2": ("hidden_activation", "rms_norm_eps"),
+}
+#: Positive numbers Gemma-2 reads (``null`` turns a soft-cap off).
+_HF_POSITIVE = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 _HF_NULLABLE = ("n_inner", "intermediate_size", "num_key_value_heads", "head_dim", "sliding_window")
 _HF_FLAGS = (
     "scale_attn_weights",
@@ -146,7 +166,7 @@ _HF_FLAGS = (
     "use_parallel_residual",
 )
 _HF_EPS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps")
-_HF_ACTIVATIONS = ("activation_function", "hidden_act")
+_HF_ACTIVATIONS = ("activation_function", "hidden_act", "hidden_activation")
 _HF_ROPE_BASES = ("rope_theta", "rotary_emb_base")
 _HF_ROPE_FRACTIONS = ("rotary_pct", "partial_rotary_factor")
 _HF_ROPE_DICTS = ("rope_scaling", "rope_parameters")
@@ -258,6 +278,13 @@ class ModelConfig:
             (GPT-NeoX, GPT-J): ``x + attn(ln1(x)) + mlp(ln2(x))``.
         attn_qkv_bias, attn_out_bias: whether the checkpoint stores query/key/value and
             output biases (the tree always has them, as zeros where it does not).
+        attn_scale: divisor of the attention scores in place of ``sqrt(d_head)`` (Gemma-2:
+            ``sqrt(query_pre_attn_scalar)``); ``None`` keeps ``sqrt(d_head)``.
+        attn_softcap: soft-cap of the (scaled) attention scores, ``c * tanh(s / c)`` before
+            the mask; ``None``: none.
+        final_softcap: soft-cap of the logits, likewise; ``None``: none.
+        post_norms: also normalise each attention and MLP output before it joins the
+            residual stream (Gemma-2's ``ln1_post``, ``ln2_post``; never folded).
     """
 
     architecture: str
@@ -285,6 +312,10 @@ class ModelConfig:
     parallel_attn_mlp: bool = False
     attn_qkv_bias: bool = True
     attn_out_bias: bool = True
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    post_norms: bool = False
 
     def __post_init__(self) -> None:
         where = "ModelConfig"
@@ -315,6 +346,9 @@ class ModelConfig:
                     f"{where}: {name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
         self._check_rotary()
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None:
+                _check_number(where, name, getattr(self, name), 0, 1e30)
 
     def _check_heads(self) -> None:
         n_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -353,7 +387,7 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """The layout family: ``"gpt2"``, ``"gpt_neo"``, ``"gpt_neox"`` or ``"llama"``."""
+        """The layout family, a value of :data:`ARCHITECTURES` (``"gpt2"``, ``"llama"``, ...)."""
         return ARCHITECTURES[self.architecture]
 
     @property
@@ -375,6 +409,7 @@ class ModelConfig:
     def attn_scales(self) -> tuple[float, ...]:
         """Per-layer divisor of the attention scores."""
         base = math.sqrt(self.d_head) if self.use_attn_scale else 1.0
+        base = base if self.attn_scale is None else float(self.attn_scale)
         if self.scale_attn_by_inverse_layer_idx:
             return tuple(base * (layer + 1) for layer in range(self.n_layers))
         return (base,) * self.n_layers
@@ -459,7 +494,7 @@ def _check_hf_values(get: Callable[[str], Any], family: str) -> None:
             raise ValueError(f"config_from_hf: {key} must be a number from 0 to 1, got {_got(eps)}")
     for key in _HF_ACTIVATIONS:
         act = get(key)
-        if act is not _MISSING and not isinstance(act, str):
+        if act is not _MISSING and act is not None and not isinstance(act, str):
             raise ValueError(f"config_from_hf: {key} must be a string, got {_got(act)}")
     for flag in _HF_FLAGS:
         value = get(flag)
@@ -467,6 +502,10 @@ def _check_hf_values(get: Callable[[str], Any], family: str) -> None:
             raise ValueError(f"config_from_hf: {flag} must be true or false, got {_got(value)}")
     if family == "gpt_neo":
         _check_attention_types(get("attention_types"), get("num_layers"))
+    for key in _HF_POSITIVE:
+        value = get(key)
+        if value is not _MISSING and value is not None:
+            _check_number("config_from_hf", key, value, 0, 1e30)
     _check_hf_rope(get)
     heads, kv = get("num_attention_heads"), get("num_key_value_heads")
     if isinstance(heads, int) and isinstance(kv, int) and kv >= 1 and heads % kv:
@@ -590,52 +629,56 @@ def _head_size(d_model: int, n_heads: int) -> int:
     return d_model // n_heads
 
 
+#: Families whose checkpoints tie the embeddings unless the config says otherwise.
+_TIED_BY_DEFAULT = ("gpt2", "gpt_neo")
+
+
+def _read_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields every family reads alike (sizes via :data:`_HF_KEYS`).
+
+    Sizes whose HF value is null are left out (``n_kv_heads``: one per query head; a null
+    window), ``d_head`` is ``d_model / n_heads`` and ``d_mlp`` is ``4 * d_model`` where the
+    config names none.
+    """
+    family = ARCHITECTURES[arch]
+    fields: dict[str, Any] = {"architecture": arch}
+    for key, field in _HF_KEYS[family].items():
+        value = getattr(hf, key, None)
+        if value is not None:
+            fields[field] = int(value)
+    if "d_head" not in fields:
+        fields["d_head"] = _head_size(fields["d_model"], fields["n_heads"])
+    fields.setdefault("d_mlp", 4 * fields["d_model"])
+    act, eps = _HF_ACT_EPS[family]
+    fields["act_fn"], fields["eps"] = str(getattr(hf, act)), float(getattr(hf, eps))
+    tied = getattr(hf, "tie_word_embeddings", family in _TIED_BY_DEFAULT)
+    fields["tie_word_embeddings"] = bool(tied)
+    return fields
+
+
 def _from_gpt2(hf: Any, arch: str) -> ModelConfig:
+    """GPT-2: LayerNorm, learned positions, ``Conv1D`` weights."""
     if getattr(hf, "add_cross_attention", False):
         raise ValueError("config_from_hf: GPT-2 with cross-attention is not supported")
-    d_model, n_heads = int(hf.n_embd), int(hf.n_head)
-    n_inner = getattr(hf, "n_inner", None)
     return ModelConfig(
-        architecture=arch,
-        n_layers=int(hf.n_layer),
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=_head_size(d_model, n_heads),
-        d_mlp=int(n_inner) if n_inner else 4 * d_model,
-        d_vocab=int(hf.vocab_size),
-        n_ctx=int(hf.n_positions),
-        act_fn=str(hf.activation_function),
-        eps=float(hf.layer_norm_epsilon),
+        **_read_fields(hf, arch),
         use_attn_scale=bool(getattr(hf, "scale_attn_weights", True)),
         scale_attn_by_inverse_layer_idx=bool(getattr(hf, "scale_attn_by_inverse_layer_idx", False)),
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
     )
 
 
 def _from_gpt_neo(hf: Any, arch: str) -> ModelConfig:
-    d_model, n_heads = int(hf.hidden_size), int(hf.num_heads)
-    intermediate = getattr(hf, "intermediate_size", None)
+    """GPT-Neo: GPT-2 with unscaled attention, no q/k/v biases, and local layers."""
     return ModelConfig(
-        architecture=arch,
-        n_layers=int(hf.num_layers),
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=_head_size(d_model, n_heads),
-        d_mlp=int(intermediate) if intermediate else 4 * d_model,
-        d_vocab=int(hf.vocab_size),
-        n_ctx=int(hf.max_position_embeddings),
-        act_fn=str(hf.activation_function),
-        eps=float(hf.layer_norm_epsilon),
+        **_read_fields(hf, arch),
         attn_types=tuple(str(kind) for kind in hf.attention_layers),
-        window_size=int(hf.window_size),
         use_attn_scale=False,
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         attn_qkv_bias=False,
     )
 
 
-def _rope(hf: Any, d_head: int) -> tuple[int, float, RopeScaling | None]:
-    """``(rotary_dim, rotary_base, rope_scaling)`` of a transformers config.
+def _rope(hf: Any, d_head: int) -> dict[str, Any]:
+    """The rotary fields (``positional``, ``rotary_dim``, ``rotary_base``, ``rope_scaling``).
 
     transformers 5 gathers them in ``rope_parameters``; older versions kept ``rope_theta``
     and ``rope_scaling`` (GPT-NeoX: ``rotary_emb_base``, ``rotary_pct``) as attributes.
@@ -655,7 +698,12 @@ def _rope(hf: Any, d_head: int) -> tuple[int, float, RopeScaling | None]:
         names = [f.name for f in dataclasses.fields(RopeScaling)][1:]
         scaling = RopeScaling(kind, **{k: params[k] for k in names if k in params})
     fraction = params.get("partial_rotary_factor", 1.0)
-    return int(d_head * float(fraction)), float(params["rope_theta"]), scaling
+    return dict(
+        positional="rotary",
+        rotary_dim=int(d_head * float(fraction)),
+        rotary_base=float(params["rope_theta"]),
+        rope_scaling=scaling,
+    )
 
 
 def _attn_kinds(hf: Any, arch: str, n_layers: int) -> tuple[tuple[str, ...], int | None]:
@@ -663,8 +711,9 @@ def _attn_kinds(hf: Any, arch: str, n_layers: int) -> tuple[tuple[str, ...], int
 
     Mistral slides every layer when ``sliding_window`` is set; Qwen2 lists its layers in
     ``layer_types`` (``"sliding_attention"`` from ``max_window_layers`` on, and only with
-    ``use_sliding_window``, which transformers reflects by a null ``sliding_window``); Llama
-    never slides (it ignores a ``sliding_window`` key).
+    ``use_sliding_window``, which transformers reflects by a null ``sliding_window``), and
+    so does Gemma-2 (even layers slide); Llama never slides (it ignores a ``sliding_window``
+    key), and Gemma has none.
     """
     window = getattr(hf, "sliding_window", None)
     if arch == "LlamaForCausalLM" or not window:
@@ -682,75 +731,53 @@ def _attn_kinds(hf: Any, arch: str, n_layers: int) -> tuple[tuple[str, ...], int
 
 
 def _from_llama(hf: Any, arch: str) -> ModelConfig:
-    """Llama, Mistral and Qwen2: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    """Llama, Mistral, Qwen2, Gemma, Gemma-2: RMSNorm, RoPE, grouped-query attention, gated MLP."""
     if getattr(hf, "mlp_bias", False):
         raise ValueError(f"config_from_hf: {arch} with mlp_bias=true is not supported")
-    d_model, n_heads, n_layers = (
-        int(hf.hidden_size),
-        int(hf.num_attention_heads),
-        int(hf.num_hidden_layers),
-    )
-    explicit = getattr(hf, "head_dim", None)  # may differ from hidden_size / heads (HF too)
-    d_head = int(explicit) if explicit else _head_size(d_model, n_heads)
-    rotary_dim, base, scaling = _rope(hf, d_head)
-    kinds, window = _attn_kinds(hf, arch, n_layers)
+    fields = _read_fields(hf, arch)  # head_dim may differ from hidden_size / heads (HF too)
+    kinds, fields["window_size"] = _attn_kinds(hf, arch, fields["n_layers"])
     qwen2 = arch == "Qwen2ForCausalLM"  # q/k/v biases always, no output bias
     bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
-        architecture=arch,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=d_head,
-        d_mlp=int(hf.intermediate_size),
-        d_vocab=int(hf.vocab_size),
-        n_ctx=int(hf.max_position_embeddings),
-        act_fn=str(hf.hidden_act),
-        eps=float(hf.rms_norm_eps),
+        **fields,
+        **_rope(hf, fields["d_head"]),
+        **_gemma2_options(hf, arch),
         attn_types=kinds,
-        window_size=window,
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        n_kv_heads=int(getattr(hf, "num_key_value_heads", None) or n_heads),
         normalization="RMS",
-        positional="rotary",
-        rotary_dim=rotary_dim,
-        rotary_base=base,
-        rope_scaling=scaling,
         gated_mlp=True,
         attn_qkv_bias=qwen2 or bias,
         attn_out_bias=bias and not qwen2,
     )
 
 
+def _gemma2_options(hf: Any, arch: str) -> dict[str, Any]:
+    """Gemma-2's post-norms, attention scale and soft-caps (none for the other families)."""
+    if arch != "Gemma2ForCausalLM":
+        return {}
+    scalar, attn_cap, final_cap = (getattr(hf, key, None) for key in _HF_POSITIVE)
+    return dict(
+        post_norms=True,
+        attn_scale=None if scalar is None else math.sqrt(float(scalar)),
+        attn_softcap=None if attn_cap is None else float(attn_cap),
+        final_softcap=None if final_cap is None else float(final_cap),
+    )
+
+
 def _from_gpt_neox(hf: Any, arch: str) -> ModelConfig:
     """GPT-NeoX (Pythia): LayerNorm, partial RoPE, parallel attention and MLP."""
-    d_model, n_heads = int(hf.hidden_size), int(hf.num_attention_heads)
+    fields = _read_fields(hf, arch)
+    d_model, n_heads = fields["d_model"], fields["n_heads"]
     d_head = _head_size(d_model, n_heads)
-    explicit = getattr(hf, "head_dim", None)
-    if explicit is not None and explicit != d_head:
+    if fields["d_head"] != d_head:
         raise ValueError(
-            f"config_from_hf: head_dim {explicit} does not match hidden_size / "
+            f"config_from_hf: head_dim {fields['d_head']} does not match hidden_size / "
             f"num_attention_heads = {d_model} / {n_heads} = {d_head}; GPT-NeoX heads are "
             "hidden_size / num_attention_heads wide"
         )
-    rotary_dim, base, scaling = _rope(hf, d_head)
     bias = bool(getattr(hf, "attention_bias", True))
     return ModelConfig(
-        architecture=arch,
-        n_layers=int(hf.num_hidden_layers),
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=d_head,
-        d_mlp=int(hf.intermediate_size),
-        d_vocab=int(hf.vocab_size),
-        n_ctx=int(hf.max_position_embeddings),
-        act_fn=str(hf.hidden_act),
-        eps=float(hf.layer_norm_eps),
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        positional="rotary",
-        rotary_dim=rotary_dim,
-        rotary_base=base,
-        rope_scaling=scaling,
+        **fields,
+        **_rope(hf, d_head),
         parallel_attn_mlp=bool(getattr(hf, "use_parallel_residual", True)),
         attn_qkv_bias=bias,
         attn_out_bias=bias,
@@ -762,4 +789,6 @@ _FROM_HF: dict[str, Callable[[Any, str], ModelConfig]] = {
     "gpt_neo": _from_gpt_neo,
     "gpt_neox": _from_gpt_neox,
     "llama": _from_llama,
+    "gemma": _from_llama,
+    "gemma2": _from_llama,
 }

@@ -27,47 +27,42 @@ from lowrank.models.layout import (
     transpose,
 )
 
-__all__ = ["GPT2_LAYOUT", "convert_gpt2_state_dict", "gpt2_state_dict_shapes"]
+__all__ = [
+    "GPT2_LAYOUT",
+    "convert_gpt2_state_dict",
+    "gpt2_state_dict_shapes",
+    "gpt2_style_rows",
+]
 
 _QKV = ("blocks.attn.W_Q", "blocks.attn.W_K", "blocks.attn.W_V")
 _QKV_BIAS = ("blocks.attn.b_Q", "blocks.attn.b_K", "blocks.attn.b_V")
 
-GPT2_LAYOUT = Layout(
-    name="GPT-2",
-    family="gpt2",
-    prefixes=("transformer.",),
-    ignored=r"h\.\d+\.attn\.(bias|masked_bias)",
-    tensors=(
+
+def gpt2_style_rows(attention: tuple[Tensor, ...], *, linear: bool) -> tuple[Tensor, ...]:
+    """GPT-2's rows with ``attention`` as the attention rows; GPT-Neo shares all but those.
+
+    Args:
+        attention: the rows of ``h.{i}.attn...``, between ``ln_1`` and ``ln_2``.
+        linear: MLP weights stored as ``nn.Linear`` ``[out, in]`` (GPT-Neo), not ``Conv1D``
+            ``[in, out]`` (GPT-2).
+    """
+
+    def mlp(name: str, d_in: str, d_out: str, leaf: str) -> Tensor:
+        if linear:
+            return Tensor(f"h.{{i}}.mlp.{name}.weight", (d_out, d_in), leaf, transpose)
+        return Tensor(f"h.{{i}}.mlp.{name}.weight", (d_in, d_out), leaf)
+
+    return (
         Tensor("wte.weight", ("d_vocab", "d_model"), "embed.W_E"),
         Tensor("wpe.weight", ("n_ctx", "d_model"), "pos_embed.W_pos"),
         Tensor("h.{i}.ln_1.weight", ("d_model",), "blocks.ln1.w"),
         Tensor("h.{i}.ln_1.bias", ("d_model",), "blocks.ln1.b"),
-        Tensor(
-            "h.{i}.attn.c_attn.weight",
-            ("d_model", "3*n_heads*d_head"),
-            _QKV,
-            qkv_from_conv1d,
-            split=Split(axis=1),
-        ),
-        Tensor(
-            "h.{i}.attn.c_attn.bias",
-            ("3*n_heads*d_head",),
-            _QKV_BIAS,
-            bias_per_head,
-            split=Split(axis=0),
-        ),
-        Tensor(
-            "h.{i}.attn.c_proj.weight",
-            ("n_heads*d_head", "d_model"),
-            "blocks.attn.W_O",
-            o_from_conv1d,
-        ),
-        Tensor("h.{i}.attn.c_proj.bias", ("d_model",), "blocks.attn.b_O"),
+        *attention,
         Tensor("h.{i}.ln_2.weight", ("d_model",), "blocks.ln2.w"),
         Tensor("h.{i}.ln_2.bias", ("d_model",), "blocks.ln2.b"),
-        Tensor("h.{i}.mlp.c_fc.weight", ("d_model", "d_mlp"), "blocks.mlp.W_in"),
+        mlp("c_fc", "d_model", "d_mlp", "blocks.mlp.W_in"),
         Tensor("h.{i}.mlp.c_fc.bias", ("d_mlp",), "blocks.mlp.b_in"),
-        Tensor("h.{i}.mlp.c_proj.weight", ("d_mlp", "d_model"), "blocks.mlp.W_out"),
+        mlp("c_proj", "d_mlp", "d_model", "blocks.mlp.W_out"),
         Tensor("h.{i}.mlp.c_proj.bias", ("d_model",), "blocks.mlp.b_out"),
         Tensor("ln_f.weight", ("d_model",), "ln_final.w"),
         Tensor("ln_f.bias", ("d_model",), "ln_final.b"),
@@ -78,6 +73,39 @@ GPT2_LAYOUT = Layout(
             transpose,
             if_missing="wte.weight",
         ),
+    )
+
+
+GPT2_LAYOUT = Layout(
+    name="GPT-2",
+    family="gpt2",
+    prefixes=("transformer.",),
+    ignored=r"h\.\d+\.attn\.(bias|masked_bias)",
+    tensors=gpt2_style_rows(
+        (
+            Tensor(
+                "h.{i}.attn.c_attn.weight",
+                ("d_model", "3*n_heads*d_head"),
+                _QKV,
+                qkv_from_conv1d,
+                split=Split(axis=1),
+            ),
+            Tensor(
+                "h.{i}.attn.c_attn.bias",
+                ("3*n_heads*d_head",),
+                _QKV_BIAS,
+                bias_per_head,
+                split=Split(axis=0),
+            ),
+            Tensor(
+                "h.{i}.attn.c_proj.weight",
+                ("n_heads*d_head", "d_model"),
+                "blocks.attn.W_O",
+                o_from_conv1d,
+            ),
+            Tensor("h.{i}.attn.c_proj.bias", ("d_model",), "blocks.attn.b_O"),
+        ),
+        linear=False,
     ),
     zeros={"unembed.b_U": ("d_vocab",)},
 )

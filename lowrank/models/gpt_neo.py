@@ -15,13 +15,13 @@ from typing import Any
 from lowrank.models._common import Params
 from lowrank.models.config import ModelConfig
 from lowrank.models.conversion import convert
+from lowrank.models.gpt2 import gpt2_style_rows
 from lowrank.models.layout import (
     Layout,
     Tensor,
     o_from_linear,
     qkv_from_linear,
     state_dict_shapes,
-    transpose,
 )
 
 __all__ = ["GPT_NEO_LAYOUT", "convert_gpt_neo_state_dict", "gpt_neo_state_dict_shapes"]
@@ -29,56 +29,28 @@ __all__ = ["GPT_NEO_LAYOUT", "convert_gpt_neo_state_dict", "gpt_neo_state_dict_s
 _ATTN = "h.{i}.attn.attention."
 _PER_HEAD_BIAS = ("n_layers", "n_heads", "d_head")
 
+
+def _projection(name: str, leaf: str) -> Tensor:
+    rows = "d_model" if name == "out_proj" else "n_heads*d_head"
+    cols = "n_heads*d_head" if name == "out_proj" else "d_model"
+    transform = o_from_linear if name == "out_proj" else qkv_from_linear
+    return Tensor(f"{_ATTN}{name}.weight", (rows, cols), leaf, transform)
+
+
 GPT_NEO_LAYOUT = Layout(
     name="GPT-Neo",
     family="gpt_neo",
     prefixes=("transformer.",),
     ignored=r"h\.\d+\.attn\.attention\.(bias|masked_bias)",
-    tensors=(
-        Tensor("wte.weight", ("d_vocab", "d_model"), "embed.W_E"),
-        Tensor("wpe.weight", ("n_ctx", "d_model"), "pos_embed.W_pos"),
-        Tensor("h.{i}.ln_1.weight", ("d_model",), "blocks.ln1.w"),
-        Tensor("h.{i}.ln_1.bias", ("d_model",), "blocks.ln1.b"),
-        Tensor(
-            _ATTN + "q_proj.weight",
-            ("n_heads*d_head", "d_model"),
-            "blocks.attn.W_Q",
-            qkv_from_linear,
+    tensors=gpt2_style_rows(
+        (
+            _projection("q_proj", "blocks.attn.W_Q"),
+            _projection("k_proj", "blocks.attn.W_K"),
+            _projection("v_proj", "blocks.attn.W_V"),
+            _projection("out_proj", "blocks.attn.W_O"),
+            Tensor(_ATTN + "out_proj.bias", ("d_model",), "blocks.attn.b_O"),
         ),
-        Tensor(
-            _ATTN + "k_proj.weight",
-            ("n_heads*d_head", "d_model"),
-            "blocks.attn.W_K",
-            qkv_from_linear,
-        ),
-        Tensor(
-            _ATTN + "v_proj.weight",
-            ("n_heads*d_head", "d_model"),
-            "blocks.attn.W_V",
-            qkv_from_linear,
-        ),
-        Tensor(
-            _ATTN + "out_proj.weight",
-            ("d_model", "n_heads*d_head"),
-            "blocks.attn.W_O",
-            o_from_linear,
-        ),
-        Tensor(_ATTN + "out_proj.bias", ("d_model",), "blocks.attn.b_O"),
-        Tensor("h.{i}.ln_2.weight", ("d_model",), "blocks.ln2.w"),
-        Tensor("h.{i}.ln_2.bias", ("d_model",), "blocks.ln2.b"),
-        Tensor("h.{i}.mlp.c_fc.weight", ("d_mlp", "d_model"), "blocks.mlp.W_in", transpose),
-        Tensor("h.{i}.mlp.c_fc.bias", ("d_mlp",), "blocks.mlp.b_in"),
-        Tensor("h.{i}.mlp.c_proj.weight", ("d_model", "d_mlp"), "blocks.mlp.W_out", transpose),
-        Tensor("h.{i}.mlp.c_proj.bias", ("d_model",), "blocks.mlp.b_out"),
-        Tensor("ln_f.weight", ("d_model",), "ln_final.w"),
-        Tensor("ln_f.bias", ("d_model",), "ln_final.b"),
-        Tensor(
-            "lm_head.weight",
-            ("d_vocab", "d_model"),
-            "unembed.W_U",
-            transpose,
-            if_missing="wte.weight",
-        ),
+        linear=True,
     ),
     zeros={
         "blocks.attn.b_Q": _PER_HEAD_BIAS,

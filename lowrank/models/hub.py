@@ -8,6 +8,7 @@ and says exactly what to do when it cannot.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from lowrank.models.checkpoint import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
+    read_shard_index,
 )
 from lowrank.models.config import _got
 
@@ -134,9 +136,10 @@ def _download(name: str, revision: str | None, cache_dir: str | None, allow_pick
 
 def embedded_model_path() -> Path:
     """The directory of the embedded model :data:`EMBEDDED_MODEL` inside the package."""
-    from importlib.resources import files
-
-    path = Path(str(files("lowrank") / "data" / EMBEDDED_MODEL))
+    # Beside this module's package, not importlib.resources.files("lowrank"): a folder named
+    # lowrank/ in the working directory can shadow the package's name (python -m lowrank run
+    # from a clone's parent) but not this file's location.
+    path = Path(__file__).resolve().parents[1] / "data" / EMBEDDED_MODEL
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"the embedded model {EMBEDDED_MODEL!r} is missing from this installation "
@@ -155,7 +158,8 @@ def available_locally(
     """Whether ``load_pretrained(name_or_path)`` can find its files without the network.
 
     True for a local directory holding ``config.json``, for :data:`EMBEDDED_MODEL`, and for a
-    hub id whose config and safetensors weights are in the Hugging Face cache. Never
+    hub id whose config and safetensors weights (``model.safetensors``, or a shard index and
+    every shard it names) are in the Hugging Face cache. Never
     downloads anything: notebooks use it to pick a real model when one is present.
     """
     _check_revision(revision)
@@ -178,14 +182,34 @@ def available_locally(
 
     cache = os.fspath(cache_dir) if cache_dir is not None else _hub_cache_dir()
 
-    def cached(filename: str) -> bool:
+    def cached(filename: str) -> str | None:
         try:
             found = try_to_load_from_cache(name, filename, cache_dir=cache, revision=revision)
         except HFValidationError:
-            return False
-        return isinstance(found, str)
+            return None
+        return found if isinstance(found, str) else None
 
-    return cached(CONFIG_FILE) and (cached(SAFETENSORS_FILE) or cached(SAFETENSORS_INDEX))
+    if cached(CONFIG_FILE) is None:
+        return False
+    if cached(SAFETENSORS_FILE) is not None:
+        return True
+    index = cached(SAFETENSORS_INDEX)
+    return index is not None and _shards_cached(Path(index), cached)
+
+
+def _shards_cached(index: Path, cached: Callable[[str], str | None]) -> bool:
+    """Whether every shard a cached ``model.safetensors.index.json`` names is cached too.
+
+    A name that is not a plain relative path inside the repository counts as missing.
+    """
+    try:
+        names = set(read_shard_index(index).values())
+    except CheckpointError:
+        return False
+    return all(
+        not Path(n).is_absolute() and ".." not in Path(n).parts and cached(n) is not None
+        for n in names
+    )
 
 
 def resolve_checkpoint(

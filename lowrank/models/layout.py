@@ -37,8 +37,10 @@ __all__ = [
     "dims",
     "o_from_conv1d",
     "o_from_linear",
+    "plus_one",
     "qkv_from_conv1d",
     "qkv_from_linear",
+    "scaled_embedding",
     "sizes",
     "state_dict_shapes",
     "transpose",
@@ -240,3 +242,13 @@ def o_from_conv1d(x: Any, d_head: int) -> Any:
 def o_from_linear(x: Any, d_head: int) -> Any:
     """``nn.Linear`` ``[d_model, H * d_head]`` -> ``[H, d_head, d_model]``."""
     return transpose(x, d_head).reshape(-1, d_head, x.shape[0])
+
+
+def plus_one(x: Any, d_head: int) -> Any:
+    """``1 + w``: a Gemma RMSNorm weight (it scales by ``1 + w``) as the effective weight."""
+    return x + 1
+
+
+def scaled_embedding(x: Any, d_head: int) -> Any:
+    """``W_E * sqrt(d_model)``: Gemma's embedding as the residual stream receives it."""
+    return x * math.sqrt(x.shape[-1])

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank.models._common import CheckpointError, Params, dotted_path
-from lowrank.models.checkpoint import CONFIG_FILE, TOKENIZER_FILES, open_state_dict
+from lowrank.models.checkpoint import CONFIG_FILE, TOKENIZER_FILES, StateDict, open_state_dict
 from lowrank.models.config import ModelConfig, config_from_hf
 from lowrank.models.conversion import convert
 from lowrank.models.gpt2 import GPT2_LAYOUT
@@ -40,22 +40,32 @@ from lowrank.models.hub import (
     EMBEDDED_MODEL,
     resolve_checkpoint,
 )
-from lowrank.models.llama import LLAMA_LAYOUT
+from lowrank.models.llama import GEMMA2_LAYOUT, GEMMA_LAYOUT, LLAMA_LAYOUT
 from lowrank.models.model import TransformerModel
 from lowrank.models.processing import process_params
 
 __all__ = [
+    "AUTO",
     "convert_state_dict",
     "load_pretrained",
     "load_tokenizer",
     "place_params",
     "processing_steps",
     "read_config",
+    "stored_dtype",
 ]
 
 #: The layout of each :attr:`ModelConfig.family`.
 LAYOUTS = {
-    layout.family: layout for layout in (GPT2_LAYOUT, GPT_NEO_LAYOUT, GPT_NEOX_LAYOUT, LLAMA_LAYOUT)
+    layout.family: layout
+    for layout in (
+        GPT2_LAYOUT,
+        GPT_NEO_LAYOUT,
+        GPT_NEOX_LAYOUT,
+        LLAMA_LAYOUT,
+        GEMMA_LAYOUT,
+        GEMMA2_LAYOUT,
+    )
 }
 
 #: ``place`` hook: (dotted leaf path, host array) -> placed array.
@@ -77,6 +87,11 @@ def _skipped_by_tl(config: ModelConfig, step: str) -> str | None:
         return (
             "TransformerLens does not centre the writing weights of RMSNorm models (RMSNorm "
             "does not subtract the mean, so centring would change the model)"
+        )
+    if step == "center_unembed" and config.final_softcap is not None:
+        return (
+            "TransformerLens does not centre the unembedding of models that soft-cap their "
+            "logits (soft-capping is not invariant to adding a constant to the logits)"
         )
     return None
 
@@ -186,12 +201,39 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
         return None
 
 
-def _check_dtype(dtype: Any) -> np.dtype[Any]:
+#: The parameter dtypes lowrank loads into.
+_DTYPES = tuple(np.dtype(t) for t in (jnp.bfloat16, np.float16, np.float32, np.float64))
+
+#: ``load_pretrained(dtype=AUTO)``: keep the checkpoint's dtype (transformers' ``"auto"``).
+AUTO = "auto"
+
+
+def stored_dtype(state_dict: StateDict, config: ModelConfig) -> np.dtype[Any]:
+    """The dtype a checkpoint stores its weights in, as ``load_pretrained(dtype="auto")`` keeps.
+
+    That of its embedding (transformers' ``dtype="auto"`` takes the first weight's); float32
+    where that is float64 without ``jax_enable_x64``, or a dtype lowrank does not compute in
+    (float8).
+    """
+    layout = LAYOUTS[config.family]
+    first = layout.tensors[0].key
+    key = next((k for k in (first, *(p + first for p in layout.prefixes)) if k in state_dict), None)
+    if key is None:
+        raise CheckpointError(f"{layout.name} state dict: missing key {first!r}")
+    dt = np.dtype(jax.dtypes.canonicalize_dtype(state_dict.dtype(key)))
+    return dt if dt in _DTYPES else np.dtype(np.float32)
+
+
+def _check_dtype(dtype: Any) -> np.dtype[Any] | None:
+    if isinstance(dtype, str) and dtype == AUTO:
+        return None
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"load_pretrained: dtype must be a float dtype, got {dtype!r}") from None
-    if dt not in (np.dtype(jnp.bfloat16), np.float16, np.float32, np.float64):
+        raise TypeError(
+            f"load_pretrained: dtype must be a float dtype or 'auto', got {dtype!r}"
+        ) from None
+    if dt not in _DTYPES:
         raise TypeError(
             f"load_pretrained: dtype must be bfloat16, float16, float32 or float64, got {dt}"
         )
@@ -217,8 +259,9 @@ def load_pretrained(
     tokenizer: bool = True,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    config: ModelConfig | None = None,
 ) -> TransformerModel:
-    """Load a GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral or Qwen2 checkpoint.
+    """Load a GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Gemma or Gemma-2 checkpoint.
 
     Args:
         name_or_path: a local directory (``config.json`` + ``model.safetensors`` or a
@@ -231,12 +274,21 @@ def load_pretrained(
             :func:`processing_steps`: TransformerLens's, that is all but refactoring, and
             no centring of writing weights for RMSNorm models). Processing runs in float32
             (float64 for ``dtype=float64``) before the cast to ``dtype``.
-        dtype: parameter dtype on the device.
+        dtype: parameter dtype on the device: ``jnp.float32`` (the default, as
+            TransformerLens), ``jnp.bfloat16``, ``jnp.float16`` or ``jnp.float64`` (with
+            ``jax_enable_x64``) casts every weight; ``"auto"`` keeps the checkpoint's dtype
+            (:func:`stored_dtype`: a checkpoint stored in bfloat16, as most Llama, Mistral
+            and Qwen2 checkpoints are, loads as bfloat16, at half the memory of float32).
+            So a bfloat16 checkpoint loads as float32 by default (its values exactly:
+            bfloat16 -> float32 is lossless) and as bfloat16 with ``dtype="auto"`` or
+            ``dtype=jnp.bfloat16``.
         allow_pickle: allow ``pytorch_model.bin`` when no safetensors exist (read with
             ``torch.load(weights_only=True)``).
         place: per-leaf device placement hook, see :func:`place_params`.
         tokenizer: load the tokenizer when its files are present (``False`` skips it).
         revision, cache_dir: for hub ids.
+        config: the checkpoint's :func:`read_config`, when the caller has read it already
+            (default: read from the checkpoint).
 
     Raises:
         CheckpointError: missing/corrupt files, a bad config.json, bad keys, shapes or
@@ -245,14 +297,14 @@ def load_pretrained(
             commit name; a processing step TransformerLens does not apply to the model.
         NotImplementedError: a processing step lowrank cannot yet apply to the model.
     """
-    dt = _check_dtype(dtype)
+    requested = _check_dtype(dtype)
     directory = resolve_checkpoint(
         EMBEDDED_MODEL if name_or_path is None else name_or_path,
         revision=revision,
         cache_dir=cache_dir,
         allow_pickle=allow_pickle,
     )
-    config = read_config(directory)
+    config = read_config(directory) if config is None else config
     steps = processing_steps(
         config,
         fold_ln=fold_ln,
@@ -261,23 +313,30 @@ def load_pretrained(
         fold_value_biases=fold_value_biases,
         refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
-    compute = np.float64 if dt == np.float64 else np.float32
-    # One expression, so no local name keeps the unprocessed tree alive while processing
-    # (each step frees the leaves it replaced) or the host tree while placing. Plain keyword
-    # arguments, not **steps: CPython hands the tree over to a plain call, while a call
-    # with ** keeps its own reference until it returns (1.55x -> 2.3x the weights).
     with open_state_dict(directory, allow_pickle=allow_pickle) as state_dict:
-        params = place_params(
-            process_params(
-                convert_state_dict(state_dict, config, dtype=compute),
-                fold_ln=steps["fold_ln"],
-                center_writing_weights=steps["center_writing_weights"],
-                center_unembed=steps["center_unembed"],
-                fold_value_biases=steps["fold_value_biases"],
-                refactor_factored_attn_matrices=steps["refactor_factored_attn_matrices"],
-            ),
-            dtype=dt,
-            place=place,
-        )
+        dt = stored_dtype(state_dict, config) if requested is None else requested
+        if not any(steps.values()):  # straight to dt: a bf16 load never holds float32
+            params = place_params(
+                convert_state_dict(state_dict, config, dtype=dt), dtype=dt, place=place
+            )
+        else:  # processing runs in float32 (float64 for float64)
+            compute = np.float64 if dt == np.float64 else np.float32
+            # One expression, so no local name keeps the unprocessed tree alive while
+            # processing (each step frees the leaves it replaced) or the host tree while
+            # placing. Plain keyword arguments, not **steps: CPython hands the tree over to
+            # a plain call, while a call with ** keeps its own reference until it returns
+            # (1.55x -> 2.3x the weights).
+            params = place_params(
+                process_params(
+                    convert_state_dict(state_dict, config, dtype=compute),
+                    fold_ln=steps["fold_ln"],
+                    center_writing_weights=steps["center_writing_weights"],
+                    center_unembed=steps["center_unembed"],
+                    fold_value_biases=steps["fold_value_biases"],
+                    refactor_factored_attn_matrices=steps["refactor_factored_attn_matrices"],
+                ),
+                dtype=dt,
+                place=place,
+            )
     tok = load_tokenizer(directory) if tokenizer else None
     return TransformerModel(params=params, config=config, tokenizer=tok)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import circuits
 from lowrank.factored import FactoredMatrix
 from lowrank.models._common import Params
 from lowrank.models.config import ModelConfig
@@ -20,6 +21,8 @@ __all__ = ["TransformerModel"]
 
 Array = jax.Array
 
+_REPEATED_DOC = "``[L, H, d_model, d_head]`` (repeated over each group for grouped-query models)"
+_GROUPED_DOC = "``[L, n_kv_heads, d_model, d_head]`` as stored (TransformerLens's ``_W_K``)"
 _forward_jit = jax.jit(forward, static_argnames=("config", "return_activations", "precision"))
 
 
@@ -36,12 +39,14 @@ class TransformerModel:
     d_model, d_model]``.
 
     Grouped-query models (``n_kv_heads < n_heads``) keep their keys and values grouped in
-    ``params`` (``W_K``, ``W_V [L, n_kv_heads, d_model, d_head]``). ``W_K``, ``W_V``,
-    ``b_K``, ``b_V`` here are TransformerLens's per-query-head view: a copy repeated over each
-    group (``jnp.repeat``, only in these four properties). ``OV`` and ``QK`` never repeat:
-    their head axis is split in two, ``[L, n_kv_heads, group, d_model, d_model]`` (query head
-    ``h`` is ``(h // group, h % group)``), with the key/value factor broadcast over ``group``;
-    ``.reshape(L, H, ...)`` any per-head result (``eigvals(model.OV).reshape(L, H, -1)``).
+    ``params`` (``W_K``, ``W_V [L, n_kv_heads, d_model, d_head]``, also ``W_K_grouped``,
+    ``W_V_grouped`` here). ``W_K``, ``W_V``, ``b_K``, ``b_V`` are TransformerLens's
+    per-query-head view: a copy repeated over each group (``jnp.repeat``, only in these four
+    properties; the analyses of :mod:`lowrank.circuits` never call them). ``OV`` and ``QK``
+    never repeat: their head axis is split in two, ``[L, n_kv_heads, group, d_model,
+    d_model]`` (query head ``h`` is ``(h // group, h % group)``), with the key/value factor
+    broadcast over ``group``; ``.reshape(L, H, ...)`` any per-head result
+    (``eigvals(model.OV).reshape(L, H, -1)`` is TransformerLens's ``model.OV.eigenvalues``).
 
     Call it (``model(tokens)``) for logits; the call is jitted, and the model itself can be
     passed through ``jax.jit`` / ``jax.vmap`` as an argument.
@@ -114,20 +119,11 @@ class TransformerModel:
         group = self.config.group_size
         return x if group == 1 else jnp.repeat(x, group, axis=1)
 
-    def _grouped(self, x: Array) -> Array:
-        """``[L, H, ...]`` -> ``[L, n_kv_heads, group, ...]`` (a reshape, no copy)."""
-        c = self.config
-        return jnp.reshape(x, (x.shape[0], c.n_kv_heads, c.group_size, *x.shape[2:]))
-
     W_Q = property(lambda self: self._attn("W_Q"), doc="``[L, H, d_model, d_head]``")
-    W_K = property(
-        lambda self: self._per_query_head("W_K"),
-        doc="``[L, H, d_model, d_head]`` (repeated over each group for grouped-query models)",
-    )
-    W_V = property(
-        lambda self: self._per_query_head("W_V"),
-        doc="``[L, H, d_model, d_head]`` (repeated over each group for grouped-query models)",
-    )
+    W_K = property(lambda self: self._per_query_head("W_K"), doc=_REPEATED_DOC)
+    W_V = property(lambda self: self._per_query_head("W_V"), doc=_REPEATED_DOC)
+    W_K_grouped = property(lambda self: self._attn("W_K"), doc=_GROUPED_DOC)
+    W_V_grouped = property(lambda self: self._attn("W_V"), doc=_GROUPED_DOC)
     W_O = property(lambda self: self._attn("W_O"), doc="``[L, H, d_head, d_model]``")
     b_Q = property(lambda self: self._attn("b_Q"), doc="``[L, H, d_head]``")
     b_K = property(lambda self: self._per_query_head("b_K"), doc="``[L, H, d_head]``")
@@ -146,10 +142,7 @@ class TransformerModel:
         Grouped-query models: ``[L, n_kv_heads, group, d_model, d_model]`` with ``A`` the
         grouped ``W_V [L, n_kv_heads, 1, d_model, d_head]`` (see the class docstring).
         """
-        W_V, W_O = self._attn("W_V"), self.W_O
-        if self.config.group_size == 1:
-            return FactoredMatrix(W_V, W_O)
-        return FactoredMatrix(W_V[:, :, None], self._grouped(W_O))
+        return circuits.ov_circuit(self)
 
     @property
     def QK(self) -> FactoredMatrix:
@@ -159,10 +152,7 @@ class TransformerModel:
         n_kv_heads, group, d_model, d_model]`` with ``B`` the grouped ``W_K^T [L, n_kv_heads,
         1, d_head, d_model]`` (see the class docstring).
         """
-        W_Q, W_K_T = self.W_Q, jnp.swapaxes(self._attn("W_K"), -1, -2)
-        if self.config.group_size == 1:
-            return FactoredMatrix(W_Q, W_K_T)
-        return FactoredMatrix(self._grouped(W_Q), W_K_T[:, :, None])
+        return circuits.qk_circuit(self)
 
     # ---------------------------------------------------------------- forward
     def forward(

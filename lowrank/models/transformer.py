@@ -11,7 +11,8 @@ LayerNorm or RMSNorm (``normalization``), learned or rotary positions (``positio
 with partial rotation, HF's ``rotate_half`` pairing ``(i, i + rotary_dim / 2)``, and
 ``linear`` / ``llama3`` frequency scaling), grouped-query attention (``n_kv_heads``: each
 key/value head is broadcast over its group of query heads inside the attention, never
-repeated), gated MLPs, parallel attention and MLP.
+repeated), gated MLPs, parallel attention and MLP, Gemma-2's post-norms (``post_norms``),
+attention scale (``attn_scale``) and soft-caps (``attn_softcap``, ``final_softcap``).
 
 A tree without ``blocks.ln1``/``blocks.ln2``/``ln_final`` (folded norms, see
 :mod:`lowrank.models.processing`) makes the norms normalise without scale or shift.
@@ -52,44 +53,47 @@ ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
 _w_init = nn.initializers.normal(stddev=0.02)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis; without weights (``with_params=False``) once folded."""
+def _affine_params(
+    module: nn.Module, suffix: str, shape: tuple[int, int], dtype: Any
+) -> tuple[Array, Array]:
+    """``W_{suffix} [d_in, d_out]`` and ``b_{suffix} [d_out]`` of ``module``, in that order."""
+    W = module.param(f"W_{suffix}", _w_init, shape, dtype)
+    return W, module.param(f"b_{suffix}", nn.initializers.zeros, shape[-1:], dtype)
 
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, without parameters once folded.
+
+    ``kind``: ``"LN"`` (LayerNorm, weight ``w`` and bias ``b``) or ``"RMS"`` (RMSNorm,
+    weight ``w``); ``with_params=False`` normalises without scale or shift.
+    """
+
+    kind: str
     eps: float
     with_params: bool = True
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """Normalise ``x [..., d]`` (statistics in float32 or wider), then scale and shift."""
         dtype = x.dtype
-        x = x.astype(compute_dtype(dtype))  # statistics in float32 or wider
-        x = x - x.mean(axis=-1, keepdims=True)
-        x = (x / jnp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)).astype(dtype)
-        if self.with_params:
-            d = x.shape[-1]
-            x = x * self.param("w", nn.initializers.ones, (d,), self.param_dtype)
+        x = x.astype(compute_dtype(dtype))
+        if self.kind == "LN":
+            x = x - x.mean(axis=-1, keepdims=True)
+        ms = (x * x).mean(axis=-1, keepdims=True) + self.eps
+        x = (x / jnp.sqrt(ms) if self.kind == "LN" else x * jax.lax.rsqrt(ms)).astype(dtype)
+        if not self.with_params:
+            return x
+        d = x.shape[-1]
+        x = x * self.param("w", nn.initializers.ones, (d,), self.param_dtype)
+        if self.kind == "LN":
             x = x + self.param("b", nn.initializers.zeros, (d,), self.param_dtype)
         return x
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm over the last axis (weight, no bias); without weight once folded."""
-
-    eps: float
-    with_params: bool = True
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        dtype = x.dtype
-        x = x.astype(compute_dtype(dtype))  # statistics in float32 or wider
-        x = (x * jax.lax.rsqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)).astype(dtype)
-        if self.with_params:
-            x = x * self.param("w", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        return x
-
-
-_NORMS: dict[str, type[nn.Module]] = {"LN": LayerNorm, "RMS": RMSNorm}
+def _softcap(x: Array, cap: float | None) -> Array:
+    """``cap * tanh(x / cap)`` (Gemma-2's soft-capping); ``x`` itself for ``cap=None``."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def rotary_frequencies(config: ModelConfig) -> np.ndarray:
@@ -138,7 +142,7 @@ class Attention(nn.Module):
     """Causal attention with a per-call window and score divisor, optional RoPE and GQA.
 
     Grouped-query heads: ``n_kv_heads`` key/value heads, each read by ``n_heads // n_kv_heads``
-    consecutive query heads.
+    consecutive query heads. ``softcap``: the scaled scores are soft-capped before the mask.
     """
 
     n_heads: int
@@ -146,6 +150,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     n_kv_heads: int | None = None
+    softcap: float | None = None
 
     @nn.compact
     def __call__(
@@ -170,7 +175,7 @@ class Attention(nn.Module):
         qpos = jnp.arange(seq, dtype=jnp.int32)[:, None]
         kpos = jnp.arange(seq, dtype=jnp.int32)[None, :]
         allowed = (kpos <= qpos) & (qpos - kpos < window)
-        scores = scores.astype(compute_dtype(scores.dtype))
+        scores = _softcap(scores.astype(compute_dtype(scores.dtype)), self.softcap)
         scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
         pattern = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         grouped = pattern.reshape(*batch, K, H // K, seq, seq)
@@ -193,10 +198,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d, m, pd = x.shape[-1], self.d_mlp, self.param_dtype
-        W_in = self.param("W_in", _w_init, (d, m), pd)
-        b_in = self.param("b_in", nn.initializers.zeros, (m,), pd)
-        W_out = self.param("W_out", _w_init, (m, d), pd)
-        b_out = self.param("b_out", nn.initializers.zeros, (d,), pd)
+        W_in, b_in = _affine_params(self, "in", (d, m), pd)
+        W_out, b_out = _affine_params(self, "out", (m, d), pd)
         act = ACTIVATION_FNS[self.act_fn]
         if self.gated:
             W_gate = self.param("W_gate", _w_init, (d, m), pd)
@@ -207,13 +210,8 @@ class MLP(nn.Module):
         return jnp.matmul(post, W_out, precision=self.precision) + b_out
 
 
-class Block(nn.Module):
-    """One pre-norm transformer block, written as a scan body ``(resid, xs, rope) -> ...``.
-
-    Sequential: ``mid = x + attn(ln1(x))``, ``out = mid + mlp(ln2(mid))``; parallel
-    (``parallel_attn_mlp``): ``out = x + attn(ln1(x)) + mlp(ln2(x))``, and the
-    ``resid_mid`` activation is ``x + attn(ln1(x))``.
-    """
+class _Stack(nn.Module):
+    """The options the whole model and each of its blocks are built with (see Transformer)."""
 
     config: ModelConfig
     ln_weights: bool = True
@@ -221,45 +219,52 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
 
+
+class Block(_Stack):
+    """One pre-norm transformer block, written as a scan body ``(resid, xs, rope) -> ...``.
+
+    Sequential: ``mid = x + attn(ln1(x))``, ``out = mid + mlp(ln2(mid))``; parallel
+    (``parallel_attn_mlp``): ``out = x + attn(ln1(x)) + mlp(ln2(x))``, and the
+    ``resid_mid`` activation is ``x + attn(ln1(x))``. With ``post_norms`` (Gemma-2) the
+    attention and MLP outputs pass through ``ln1_post`` and ``ln2_post``, which keep their
+    weights when the others are folded.
+    """
+
     @nn.compact
     def __call__(
         self, resid: Array, xs: tuple[Array, Array], rope: tuple[Array, Array] | None = None
     ) -> tuple[Array, Any]:
         c, pd, prec = self.config, self.param_dtype, self.precision
         window, scale = xs
-        Norm = _NORMS[c.normalization]
-        ln1 = Norm(c.eps, self.ln_weights, pd, name="ln1")
-        ln2 = Norm(c.eps, self.ln_weights, pd, name="ln2")
-        attn = Attention(c.n_heads, c.d_head, pd, prec, c.n_kv_heads, name="attn")
+        norm = functools.partial(Norm, c.normalization, c.eps, param_dtype=pd)
+        ln1, ln2 = norm(self.ln_weights, name="ln1"), norm(self.ln_weights, name="ln2")
+        attn = Attention(c.n_heads, c.d_head, pd, prec, c.n_kv_heads, c.attn_softcap, name="attn")
         attn_out, pattern = attn(ln1(resid), window, scale, rope)
-        mid = resid + attn_out
         mlp = MLP(c.d_mlp, c.act_fn, pd, prec, c.gated_mlp, name="mlp")
-        post = mid + mlp(ln2(resid if c.parallel_attn_mlp else mid))
+        if c.post_norms:
+            attn_out = norm(name="ln1_post")(attn_out)
+        mid = resid + attn_out
+        mlp_out = mlp(ln2(resid if c.parallel_attn_mlp else mid))
+        if c.post_norms:
+            mlp_out = norm(name="ln2_post")(mlp_out)
+        post = mid + mlp_out
         if not self.return_activations:
             return post, None
         return post, {"resid_pre": resid, "resid_mid": mid, "resid_post": post, "pattern": pattern}
 
 
-class _Embed(nn.Module):
-    d_vocab: int
+class _Lookup(nn.Module):
+    """Rows of a ``[rows, d_model]`` table (``W_E`` by token, ``W_pos`` by position)."""
+
+    param_name: str
+    rows: int
     d_model: int
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: Array) -> Array:
-        W_E = self.param("W_E", _w_init, (self.d_vocab, self.d_model), self.param_dtype)
-        return jnp.take(W_E, tokens, axis=0)
-
-
-class _PosEmbed(nn.Module):
-    n_ctx: int
-    d_model: int
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, seq: int) -> Array:
-        W_pos = self.param("W_pos", _w_init, (self.n_ctx, self.d_model), self.param_dtype)
-        return W_pos[:seq]
+    def __call__(self, indices: Array) -> Array:
+        table = self.param(self.param_name, _w_init, (self.rows, self.d_model), self.param_dtype)
+        return jnp.take(table, indices, axis=0)
 
 
 class _Unembed(nn.Module):
@@ -269,13 +274,11 @@ class _Unembed(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        d, V, pd = x.shape[-1], self.d_vocab, self.param_dtype
-        W_U = self.param("W_U", _w_init, (d, V), pd)
-        b_U = self.param("b_U", nn.initializers.zeros, (V,), pd)
+        W_U, b_U = _affine_params(self, "U", (x.shape[-1], self.d_vocab), self.param_dtype)
         return jnp.matmul(x, W_U, precision=self.precision) + b_U
 
 
-class Transformer(nn.Module):
+class Transformer(_Stack):
     """Decoder-only transformer: int tokens ``[batch, seq]`` -> logits ``[batch, seq, V]``.
 
     Attributes:
@@ -287,23 +290,18 @@ class Transformer(nn.Module):
         precision: matmul precision (``None``: the backend default).
     """
 
-    config: ModelConfig
-    ln_weights: bool = True
-    return_activations: bool = False
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-
     @nn.compact
     def __call__(self, tokens: Array) -> Any:
         """Logits ``[..., seq, d_vocab]`` of ``tokens`` (and the activations when asked)."""
         c, pd, prec = self.config, self.param_dtype, self.precision
         seq = tokens.shape[-1]
-        resid = _Embed(c.d_vocab, c.d_model, pd, name="embed")(tokens)
+        resid = _Lookup("W_E", c.d_vocab, c.d_model, pd, name="embed")(tokens)
         rope = None
         if c.positional == "rotary":
             rope = _rotary_tables(c, seq)
         else:
-            resid = resid + _PosEmbed(c.n_ctx, c.d_model, pd, name="pos_embed")(seq)
+            pos_embed = _Lookup("W_pos", c.n_ctx, c.d_model, pd, name="pos_embed")
+            resid = resid + pos_embed(jnp.arange(seq))
         windows = jnp.asarray(np.asarray(c.attn_windows, dtype=np.int32))
         scales = jnp.asarray(np.asarray(c.attn_scales), dtype=resid.dtype)
         blocks = nn.scan(
@@ -314,8 +312,8 @@ class Transformer(nn.Module):
             length=c.n_layers,
         )(c, self.ln_weights, self.return_activations, pd, prec, name="blocks")
         resid, acts = blocks(resid, (windows, scales), rope)
-        x = _NORMS[c.normalization](c.eps, self.ln_weights, pd, name="ln_final")(resid)
-        logits = _Unembed(c.d_vocab, pd, prec, name="unembed")(x)
+        x = Norm(c.normalization, c.eps, self.ln_weights, pd, name="ln_final")(resid)
+        logits = _softcap(_Unembed(c.d_vocab, pd, prec, name="unembed")(x), c.final_softcap)
         return (logits, acts) if self.return_activations else logits
 
 

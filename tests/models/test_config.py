@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import GPT2_FAMILY, GPT_NEO_FAMILY, published_config
 
+from benchmarks.helpers import gpt2_config
 from lowrank.models import ModelConfig, config_from_hf
 
 
@@ -138,18 +139,9 @@ def test_bad_sources(tmp_path):
     ],
 )
 def test_model_config_validation(kwargs, match):
-    base = dict(
-        architecture="GPT2LMHeadModel",
-        n_layers=2,
-        n_heads=2,
-        d_model=8,
-        d_head=4,
-        d_mlp=32,
-        d_vocab=11,
-        n_ctx=16,
-    )
+    base = gpt2_config(2, 2, 8, d_vocab=11, n_ctx=16)  # d_head 4, d_mlp 32
     with pytest.raises(ValueError, match=match):
-        ModelConfig(**{**base, **kwargs})
+        dataclasses.replace(base, **kwargs)
 
 
 GPT2_LIMITS = "(at most 10000)"

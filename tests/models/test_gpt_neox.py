@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import log_softmax
 from conftest import (
+    NO_PROCESSING,
     ROTARY_FAMILY,
     TOKEN_SEQ,
+    assert_default_processing,
+    assert_matches_tl_conversion,
     canonical_shapes,
     flatten,
     hf_logits,
@@ -31,12 +33,8 @@ from lowrank.models import (
     forward,
     init_params,
     load_pretrained,
-    processing_steps,
 )
 
-UNPROCESSED = dict(
-    fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
-)
 L, H, D, DH, M, V = 2, 2, 32, 16, 64, 101
 
 #: (storage dtype, transformers overrides) of the parity checkpoints.
@@ -60,7 +58,7 @@ def ckpt(rotary_checkpoint):
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(ckpt, tokens, case):
     c = ckpt(case)
-    model = load_pretrained(c.path, **UNPROCESSED)
+    model = load_pretrained(c.path, **NO_PROCESSING)
     ref = hf_logits(c, tokens)
     ours = np.asarray(model(tokens))
     assert ours.shape == ref.shape == (2, TOKEN_SEQ, V)
@@ -82,7 +80,7 @@ def test_config(ckpt):
 def test_the_options_are_exercised(ckpt, tokens):
     """Parallel blocks and partial rotation change the logits (the parity is meaningful)."""
     c = ckpt("parallel")
-    model = load_pretrained(c.path, **UNPROCESSED)
+    model = load_pretrained(c.path, **NO_PROCESSING)
     for change in (dict(parallel_attn_mlp=False), dict(rotary_dim=DH), dict(rotary_dim=2)):
         config = ModelConfig(**{**model.config.__dict__, **change})
         ours = np.asarray(forward(model.params, tokens, config))
@@ -141,30 +139,13 @@ def test_biases_follow_the_config(ckpt):
 
 
 def test_matches_transformer_lens_conversion(ckpt):
-    import torch
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
-
     c = ckpt("parallel")
-    cfg = HookedTransformerConfig(
-        d_model=D, d_head=DH, n_heads=H, d_mlp=M, n_layers=L, n_ctx=24, d_vocab=V,
-        act_fn="gelu", positional_embedding_type="rotary", rotary_dim=4,
-        parallel_attn_mlp=True, device="cpu",
-    )  # fmt: skip
-    with torch.no_grad():
-        tl = {k: v.numpy() for k, v in convert_neox_weights(c.hf_model, cfg).items()}
     ours = flatten(convert_gpt_neox_state_dict(hf_numpy_state_dict(c), config_from_hf(c.path)))
-    assert len(tl) == L * (len(ours) - 5) + 5
-    for key, value in ours.items():
-        if key.startswith("blocks."):
-            ref = np.stack([tl[key.replace("blocks.", f"blocks.{i}.")] for i in range(L)])
-        else:
-            ref = tl[key]
-        np.testing.assert_array_equal(value, ref, err_msg=key)
+    assert_matches_tl_conversion(c, ours)
 
 
 def test_model_views(ckpt, tokens):
-    model = load_pretrained(ckpt("parallel").path, **UNPROCESSED)
+    model = load_pretrained(ckpt("parallel").path, **NO_PROCESSING)
     assert model.OV.shape == model.QK.shape == (L, H, D, D)  # no grouping: [L, H, ...]
     np.testing.assert_allclose(
         model.OV.AB, np.asarray(model.W_V) @ np.asarray(model.W_O), atol=1e-5
@@ -181,20 +162,15 @@ def test_processing_defaults(ckpt, tokens):
     """TransformerLens's defaults: fold, centre writing weights (no W_pos), centre unembed,
     fold value biases.
     """
-    c = ckpt("parallel")
-    config = config_from_hf(c.path)
-    assert processing_steps(config) == dict(
+    model = assert_default_processing(
+        ckpt("parallel"),
+        tokens,
         fold_ln=True,
         center_writing_weights=True,
         center_unembed=True,
         fold_value_biases=True,
-        refactor_factored_attn_matrices=False,
     )
-    model = load_pretrained(c.path)
-    assert model.ln_folded and not model.params["blocks"]["attn"]["b_V"].any()
     assert np.abs(np.asarray(model.W_E).mean(-1)).max() < 1e-6
-    ref = hf_logits(c, tokens)
-    np.testing.assert_allclose(log_softmax(model(tokens)), log_softmax(ref), atol=1e-4)
 
 
 # ------------------------------------------------------------------- published configs

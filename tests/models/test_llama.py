@@ -1,12 +1,17 @@
-"""Llama, Mistral and Qwen2 (one HF layout): HF parity, the grouped tree, configs, errors.
+"""Llama, Mistral, Qwen2, Gemma and Gemma-2 (one HF layout): HF parity, the grouped tree,
+configs, errors.
 
 The checkpoints (``conftest.build_llama``) have 3 layers, 4 query heads sharing 2 key/value
 heads, llama3 rope scaling (Llama), a sliding window of 5 on every layer (Mistral) or of 4
-on the last layer (Qwen2), q/k/v biases and tied embeddings (Qwen2).
+on the last layer (Qwen2), q/k/v biases and tied embeddings (Qwen2), heads 16 wide with
+tied embeddings (Gemma), and heads 16 wide with a window of 5 on the even layers, post-norms,
+a score divisor sqrt(12) and soft-caps (Gemma-2).
 """
 
 import itertools
+import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +19,11 @@ import numpy as np
 import pytest
 from _reference import log_softmax
 from conftest import (
+    NO_PROCESSING,
     ROTARY_FAMILY,
     TOKEN_SEQ,
+    assert_default_processing,
+    assert_matches_tl_conversion,
     flatten,
     hf_logits,
     hf_numpy_state_dict,
@@ -28,7 +36,9 @@ from lowrank.models import (
     ModelConfig,
     RopeScaling,
     config_from_hf,
+    convert_gemma_state_dict,
     convert_llama_state_dict,
+    convert_state_dict,
     forward,
     init_params,
     load_pretrained,
@@ -37,9 +47,6 @@ from lowrank.models import (
 )
 from lowrank.models.transformer import rotary_frequencies
 
-UNPROCESSED = dict(
-    fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
-)
 L, H, KV, D, DH, M, V = 3, 4, 2, 32, 8, 48, 101
 
 _forward = jax.jit(forward, static_argnames=("config", "return_activations"))
@@ -53,7 +60,12 @@ CASES = {
     "mistral-head_dim16": ("mistral", "float32", dict(head_dim=16)),
     "qwen2": ("qwen2", "float32", {}),
     "qwen2-bf16": ("qwen2", "bfloat16", {}),
+    "gemma": ("gemma", "float32", {}),
+    "gemma-bf16": ("gemma", "bfloat16", {}),
+    "gemma2": ("gemma2", "float32", {}),
+    "gemma2-bf16": ("gemma2", "bfloat16", {}),
 }
+GEMMA_DH = 16
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +78,7 @@ def ckpt(rotary_checkpoint):
 def test_logits_match_hf(ckpt, tokens, case):
     """Unprocessed float32 logits equal HF's to 1e-4 (bf16 storage: the stored weights)."""
     c = ckpt(case)
-    model = load_pretrained(c.path, **UNPROCESSED)
+    model = load_pretrained(c.path, **NO_PROCESSING)
     ref = hf_logits(c, tokens)
     ours = np.asarray(model(tokens))
     assert ours.shape == ref.shape == (2, TOKEN_SEQ, V)
@@ -81,9 +93,13 @@ def test_the_options_are_exercised(ckpt, tokens):
         ("mistral", dict(attn_types=None)),
         ("qwen2", dict(attn_types=None)),
         ("llama", dict(rotary_base=500.0)),
+        ("gemma2", dict(attn_scale=None)),
+        ("gemma2", dict(attn_softcap=None)),
+        ("gemma2", dict(final_softcap=None)),
+        ("gemma2", dict(post_norms=False)),
     ]:
         c = ckpt(case)
-        model = load_pretrained(c.path, **UNPROCESSED)
+        model = load_pretrained(c.path, **NO_PROCESSING)
         config = ModelConfig(**{**model.config.__dict__, **change})
         ours = np.asarray(_forward(model.params, tokens, config=config))
         assert np.abs(ours - hf_logits(c, tokens)).max() > 1e-2, (case, change)
@@ -107,9 +123,30 @@ def test_configs(ckpt):
     assert ignored.attn_types == ("global", "global")  # HF Llama never slides
 
 
-def canonical_llama_shapes(L, H, KV, d, dh, m, V):
+def test_gemma_configs(ckpt):
+    gemma, gemma2 = (config_from_hf(ckpt(c).path) for c in ("gemma", "gemma2"))
+    for c in (gemma, gemma2):
+        assert (c.n_heads, c.n_kv_heads, c.d_head, c.rotary_dim, c.d_model) == (H, KV, 16, 16, D)
+        assert c.normalization == "RMS" and c.gated_mlp and c.act_fn == "gelu_pytorch_tanh"
+        assert not (c.attn_qkv_bias or c.attn_out_bias)
+    assert gemma.attn_types == ("global",) * L and gemma.attn_scales == (4.0,) * L
+    assert gemma.tie_word_embeddings and not gemma.post_norms
+    assert (gemma.attn_softcap, gemma.final_softcap) == (None, None)
+    assert gemma2.attn_windows == (5, 24, 5) and gemma2.post_norms
+    assert gemma2.attn_scales == (np.sqrt(12.0),) * L
+    assert (gemma2.attn_softcap, gemma2.final_softcap) == (2.0, 5.0)
+    legacy = config_from_hf({"model_type": "gemma", "num_hidden_layers": 2, "hidden_act": "gelu"})
+    assert legacy.act_fn == "gelu_pytorch_tanh"  # transformers reads Gemma's "gelu" as tanh
+    uncapped = {"attn_logit_softcapping": None, "final_logit_softcapping": None}
+    c = config_from_hf({"model_type": "gemma2", "num_hidden_layers": 2, **uncapped})
+    assert (c.attn_softcap, c.final_softcap) == (None, None)
+
+
+def canonical_llama_shapes(L, H, KV, d, dh, m, V, post_norms=False):
     """The documented grouped RMS tree, written out independently of lowrank's tables."""
+    post = {"blocks.ln1_post.w": (L, d), "blocks.ln2_post.w": (L, d)} if post_norms else {}
     return {
+        **post,
         "embed.W_E": (V, d),
         "blocks.ln1.w": (L, d),
         "blocks.attn.W_Q": (L, H, d, dh),
@@ -164,41 +201,49 @@ def test_tree_layout_by_hand(ckpt, case):
         assert not tree[key].any(), key
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2"])
-def test_matches_transformer_lens_conversion(ckpt, case):
-    import torch
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import llama, mistral, qwen2
-
+@pytest.mark.parametrize("case", ["gemma", "gemma2"])
+def test_gemma_tree_by_hand(ckpt, case):
+    """Effective weights: W_E * sqrt(d_model) (a tied W_U unscaled), norm weights 1 + w; in
+    Gemma-2, post_attention_layernorm is ln1_post and pre_feedforward_layernorm ln2.
+    """
     c = ckpt(case)
-    convert = {
-        "llama": llama.convert_llama_weights,
-        "mistral": mistral.convert_mistral_weights,
-        "qwen2": qwen2.convert_qwen2_weights,
-    }[case]
-    cfg = HookedTransformerConfig(
-        d_model=D, d_head=DH, n_heads=H, n_key_value_heads=KV, d_mlp=M, n_layers=L,
-        n_ctx=24, d_vocab=V, act_fn="silu", normalization_type="RMS",
-        positional_embedding_type="rotary", gated_mlp=True, device="cpu",
-    )  # fmt: skip
-    with torch.no_grad():
-        tl = {k.replace("._", "."): v.numpy() for k, v in convert(c.hf_model, cfg).items()}
-    ours = flatten(convert_llama_state_dict(hf_numpy_state_dict(c), config_from_hf(c.path)))
-    assert len(tl) == L * (len(ours) - 4) + 4
-    for key, value in ours.items():
-        if key.startswith("blocks."):
-            ref = np.stack([tl[key.replace("blocks.", f"blocks.{i}.")] for i in range(L)])
-        else:
-            ref = tl[key]
-        np.testing.assert_array_equal(value, ref, err_msg=key)
+    sd = hf_numpy_state_dict(c)
+    tree = flatten(convert_gemma_state_dict(sd, config_from_hf(c.path)))
+    want = canonical_llama_shapes(L, H, KV, D, GEMMA_DH, M, V, post_norms=case == "gemma2")
+    assert {k: v.shape for k, v in tree.items()} == want
+    embed, p = sd["model.embed_tokens.weight"], "model.layers.1."
+    np.testing.assert_allclose(tree["embed.W_E"], embed * np.float32(np.sqrt(D)), rtol=1e-7)
+    W_U = sd["lm_head.weight"] if case == "gemma2" else embed  # gemma: tied
+    np.testing.assert_array_equal(tree["unembed.W_U"], W_U.T)
+    np.testing.assert_array_equal(
+        tree["blocks.attn.W_Q"][1, 3], sd[p + "self_attn.q_proj.weight"][48:].T
+    )
+    norms = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
+    if case == "gemma2":
+        norms.update(ln1_post="post_attention_layernorm", ln2="pre_feedforward_layernorm")
+        norms.update(ln2_post="post_feedforward_layernorm")
+    for leaf, key in norms.items():
+        np.testing.assert_array_equal(tree[f"blocks.{leaf}.w"][1], 1 + sd[f"{p}{key}.weight"])
+    np.testing.assert_array_equal(tree["ln_final.w"], 1 + sd["model.norm.weight"])
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "gemma", "gemma2"])
+def test_matches_transformer_lens_conversion(ckpt, case):
+    """Unprocessed trees equal TransformerLens's conversion exactly (Gemma: the embedding
+    scaled by sqrt(d_model), norm weights 1 + w).
+    """
+    c = ckpt(case)
+    convert = convert_gemma_state_dict if case.startswith("gemma") else convert_llama_state_dict
+    ours = flatten(convert(hf_numpy_state_dict(c), config_from_hf(c.path)))
+    assert_matches_tl_conversion(c, ours)
 
 
 def test_activations_and_sliding_windows(ckpt, tokens):
     import torch
 
-    for case, windows in [("mistral", (5, 5, 5)), ("qwen2", (24, 24, 4))]:
+    for case, windows in [("mistral", (5, 5, 5)), ("qwen2", (24, 24, 4)), ("gemma2", (5, 24, 5))]:
         c = ckpt(case)
-        model = load_pretrained(c.path, **UNPROCESSED)
+        model = load_pretrained(c.path, **NO_PROCESSING)
         logits, acts = jax.jit(lambda m, t: m(t, return_activations=True))(model, tokens)
         with torch.no_grad():
             out = c.hf_model(
@@ -237,7 +282,7 @@ def test_rotary_frequencies_match_transformers(ckpt, case):
 
 def test_grouped_views_and_circuits(ckpt):
     """W_K/W_V repeat the grouped leaves; OV/QK broadcast them without a copy."""
-    model = load_pretrained(ckpt("qwen2").path, **UNPROCESSED)
+    model = load_pretrained(ckpt("qwen2").path, **NO_PROCESSING)
     W_K, W_V = (np.asarray(model.params["blocks"]["attn"][n]) for n in ("W_K", "W_V"))
     assert W_K.shape == W_V.shape == (L, KV, D, DH)
     assert model.W_K.shape == model.W_V.shape == (L, H, D, DH)
@@ -266,7 +311,7 @@ def test_grouped_views_and_circuits(ckpt):
 
 def test_bf16_storage_loads_as_bf16(ckpt, tokens):
     c = ckpt("llama-bf16")
-    model = load_pretrained(c.path, dtype=jnp.bfloat16, **UNPROCESSED)
+    model = load_pretrained(c.path, dtype=jnp.bfloat16, **NO_PROCESSING)
     assert {v.dtype for v in flatten(model.params).values()} == {jnp.dtype(jnp.bfloat16)}
     out = np.asarray(model(tokens), np.float32)
     ref = hf_logits(c, tokens)
@@ -276,36 +321,56 @@ def test_bf16_storage_loads_as_bf16(ckpt, tokens):
 def test_processing_defaults_and_refused_steps(ckpt, tokens):
     """TransformerLens's defaults for RMSNorm models: all but centring writing weights."""
     c = ckpt("qwen2")
-    config = config_from_hf(c.path)
-    assert processing_steps(config) == dict(
+    assert_default_processing(
+        c,
+        tokens,
         fold_ln=True,
         center_writing_weights=False,
         center_unembed=True,
         fold_value_biases=True,
-        refactor_factored_attn_matrices=False,
     )
-    model = load_pretrained(c.path)
-    assert model.ln_folded and not model.params["blocks"]["attn"]["b_V"].any()
-    ref = hf_logits(c, tokens)
-    np.testing.assert_allclose(log_softmax(model(tokens)), log_softmax(ref), atol=1e-4)
     message = r"refactor_factored_attn_matrices=True for Qwen2ForCausalLM: refactoring grouped"
     with pytest.raises(NotImplementedError, match=message):
         load_pretrained(c.path, refactor_factored_attn_matrices=True)
     message = "TransformerLens does not centre the writing weights of RMSNorm"
     with pytest.raises(ValueError, match=message):
         load_pretrained(c.path, center_writing_weights=True)
-    unprocessed = load_pretrained(c.path, **UNPROCESSED)
+    unprocessed = load_pretrained(c.path, **NO_PROCESSING)
     with pytest.raises(ValueError, match="center_writing_weights=True for an RMSNorm tree"):
         process_params(unprocessed.params)
 
 
+def test_softcapped_logits_are_not_centred(ckpt, tokens):
+    """Soft-capping is not shift invariant: TransformerLens, and so lowrank, skips
+    center_unembed for Gemma-2 by default and refuses it when asked.
+    """
+    c = ckpt("gemma2")
+    assert not processing_steps(config_from_hf(c.path))["center_unembed"]
+    message = "center_unembed=True for Gemma2ForCausalLM: TransformerLens does not centre"
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(c.path, center_unembed=True)
+    model = load_pretrained(c.path)
+    assert model.ln_folded and set(model.params["blocks"]) >= {"ln1_post", "ln2_post"}
+    ref = log_softmax(hf_logits(c, tokens))
+    np.testing.assert_allclose(log_softmax(model(tokens)), ref, atol=1e-4)
+    centred = process_params(
+        load_pretrained(c.path, **NO_PROCESSING).params,
+        center_writing_weights=False,
+        center_unembed=True,
+    )
+    logits = _forward(centred, tokens, config=model.config)
+    assert np.abs(log_softmax(logits) - ref).max() > 1e-3
+
+
 #: (case, fold_ln, center_unembed, fold_value_biases): every combination TransformerLens
-#: allows for RMSNorm models (it never centres their writing weights), and Llama's
-#: attention biases (which TransformerLens's Llama conversion drops) folded once.
+#: allows for RMSNorm models (it never centres their writing weights, nor the unembedding
+#: of soft-capped Gemma-2), and Llama's attention biases (which TransformerLens's Llama
+#: conversion drops) folded once.
 PROCESSING = [
     (case, *flags)
-    for case in ("llama", "mistral", "qwen2")
+    for case in ("llama", "mistral", "qwen2", "gemma", "gemma2")
     for flags in itertools.product([False, True], repeat=3)
+    if not (case == "gemma2" and flags[1])
 ] + [("llama-bias-tied", True, False, True)]
 
 
@@ -336,24 +401,108 @@ def test_processing_matches_transformer_lens(
 
 
 # ------------------------------------------------------------------- published configs
+_GEMMA = {
+    "architectures": ["GemmaForCausalLM"],
+    "model_type": "gemma",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "head_dim": 256,
+    "hidden_act": "gelu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 8192,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 256000,
+}
+_GEMMA_2 = {
+    **_GEMMA,
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "attn_logit_softcapping": 50.0,
+    "cache_implementation": "hybrid",
+    "final_logit_softcapping": 30.0,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_size": 4096,
+    "torch_dtype": "float32",
+}
+del _GEMMA_2["rope_scaling"]
+
+#: Published config.json dicts of Gemma and Gemma-2 (written from the hub files), by name.
+GEMMA_FAMILY: dict[str, dict] = {
+    "gemma-2b": {
+        **_GEMMA,
+        "hidden_size": 2048,
+        "intermediate_size": 16384,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 18,
+        "num_key_value_heads": 1,
+    },
+    "gemma-7b": {
+        **_GEMMA,
+        "hidden_size": 3072,
+        "intermediate_size": 24576,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 16,
+    },
+    "gemma-2-2b": {
+        **_GEMMA_2,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 4,
+    },
+    "gemma-2-9b": {
+        **_GEMMA_2,
+        "hidden_size": 3584,
+        "intermediate_size": 14336,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 42,
+        "num_key_value_heads": 8,
+    },
+    "gemma-2-27b": {
+        **_GEMMA_2,
+        "head_dim": 128,
+        "hidden_size": 4608,
+        "intermediate_size": 36864,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 46,
+        "num_key_value_heads": 16,
+        "query_pre_attn_scalar": 144,
+    },
+}
+
+
 def abstract_hf_llama(c: dict) -> dict[str, tuple[int, ...]]:
     """HF Llama-layout tensor shapes (nn.Linear [out, in]), by hand."""
     d, H, KV = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    dh, m, V = d // H, c["intermediate_size"], c["vocab_size"]
+    dh, m, V = c.get("head_dim", d // H), c["intermediate_size"], c["vocab_size"]
     shapes = {"model.embed_tokens.weight": (V, d), "model.norm.weight": (d,)}
-    if not c["tie_word_embeddings"]:
+    if not c.get("tie_word_embeddings", c["model_type"].startswith("gemma")):
         shapes["lm_head.weight"] = (V, d)
     qwen2 = c["model_type"] == "qwen2"
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if c["model_type"] == "gemma2":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        shapes.update({f"{p}{norm}.weight": (d,) for norm in norms})
         shapes.update(
             {
-                p + "input_layernorm.weight": (d,),
                 p + "self_attn.q_proj.weight": (H * dh, d),
                 p + "self_attn.k_proj.weight": (KV * dh, d),
                 p + "self_attn.v_proj.weight": (KV * dh, d),
                 p + "self_attn.o_proj.weight": (d, H * dh),
-                p + "post_attention_layernorm.weight": (d,),
                 p + "mlp.gate_proj.weight": (m, d),
                 p + "mlp.up_proj.weight": (m, d),
                 p + "mlp.down_proj.weight": (d, m),
@@ -370,36 +519,69 @@ def abstract_hf_llama(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-LLAMA_NAMES = [n for n, c in ROTARY_FAMILY.items() if c["model_type"] != "gpt_neox"]
+PUBLISHED = {
+    **{n: c for n, c in ROTARY_FAMILY.items() if c["model_type"] != "gpt_neox"},
+    **GEMMA_FAMILY,
+}
 
 
-@pytest.mark.parametrize("name", LLAMA_NAMES)
+@pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_configs_abstract(name):
     """Real-size grouped trees, never materialised: converter and linen init agree."""
-    hf = ROTARY_FAMILY[name]
+    hf = PUBLISHED[name]
     config = config_from_hf(hf)
     d, H, KV = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
     assert (config.n_layers, config.n_heads, config.n_kv_heads, config.d_model) == (
         hf["num_hidden_layers"], H, KV, d,
     )  # fmt: skip
-    assert config.d_head == 128 if "0.5B" not in name else config.d_head == 64
+    assert config.d_head == hf.get("head_dim", 64 if "0.5B" in name else 128)
     assert config.rotary_base == hf["rope_theta"] and config.n_ctx == hf["max_position_embeddings"]
     if name.startswith("Llama"):
         assert config.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
     else:
         assert config.rope_scaling is None
-    assert config.attn_windows == (
-        (4096,) * 32 if name.startswith("Mistral") else (config.n_ctx,) * config.n_layers
-    )
-    want = canonical_llama_shapes(
-        config.n_layers, H, KV, d, config.d_head, hf["intermediate_size"], hf["vocab_size"]
-    )
+    gemma2 = hf["model_type"] == "gemma2"
+    if name.startswith("Mistral"):
+        windows = (4096,) * 32
+    elif gemma2:  # even layers slide
+        windows = (4096, 8192) * (config.n_layers // 2)
+    else:
+        windows = (config.n_ctx,) * config.n_layers
+    assert config.attn_windows == windows
+    if name.startswith("gemma"):
+        assert config.act_fn == "gelu_pytorch_tanh" and config.post_norms == gemma2
+        scale = np.sqrt(hf.get("query_pre_attn_scalar", config.d_head))
+        assert config.attn_scales == (scale,) * config.n_layers  # 12.0 for gemma-2-27b
+        caps = (50.0, 30.0) if gemma2 else (None, None)
+        assert (config.attn_softcap, config.final_softcap) == caps
+    dh, m, V = config.d_head, hf["intermediate_size"], hf["vocab_size"]
+    want = canonical_llama_shapes(config.n_layers, H, KV, d, dh, m, V, post_norms=gemma2)
     abstract = {k: jax.ShapeDtypeStruct(s, jnp.bfloat16) for k, s in abstract_hf_llama(hf).items()}
-    converted = jax.eval_shape(lambda sd: convert_llama_state_dict(sd, config), abstract)
+    converted = jax.eval_shape(lambda sd: convert_state_dict(sd, config), abstract)
     assert {k: v.shape for k, v in flatten(converted).items()} == want
     assert {v.dtype for v in flatten(converted).values()} == {jnp.dtype(jnp.bfloat16)}
     initialised = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
     assert {k: v.shape for k, v in flatten(initialised).items()} == want
+
+
+def test_mismatched_head_dim(ckpt, tmp_path):
+    """A checkpoint whose q/k/v/o rows disagree with heads * head_dim fails on the first."""
+    c = ckpt("gemma")
+    sd = hf_numpy_state_dict(c)
+    config = config_from_hf({**json.loads((c.path / "config.json").read_text()), "head_dim": 8})
+    message = (
+        "Gemma state dict: key 'model.layers.0.self_attn.q_proj.weight' has shape (64, 32), "
+        "expected (32, 32)"
+    )
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        convert_gemma_state_dict(sd, config)
+    hf = json.loads((c.path / "config.json").read_text())
+    del hf["head_dim"]  # GemmaConfig's default head_dim is 256
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    shutil.copy(c.path / "model.safetensors", tmp_path / "model.safetensors")
+    message = "has shape (64, 32), expected (1024, 32)"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -409,8 +591,20 @@ def test_published_configs_abstract(name):
         (
             {"architectures": ["OPTForCausalLM"]},
             "unsupported architecture 'OPTForCausalLM': lowrank.models reads GPT2LMHeadModel, "
-            "GPT2Model, GPTNeoForCausalLM, GPTNeoModel, GPTNeoXForCausalLM, LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM",
+            "GPT2Model, GPTNeoForCausalLM, GPTNeoModel, GPTNeoXForCausalLM, Gemma2ForCausalLM, "
+            "GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+        ),
+        (
+            {"model_type": "gemma2", "attn_logit_softcapping": 0},
+            "config_from_hf: attn_logit_softcapping must be a number in (0, 1e+30], got 0 (int)",
+        ),
+        (
+            {"model_type": "gemma2", "query_pre_attn_scalar": "256"},
+            "config_from_hf: query_pre_attn_scalar must be a number in (0, 1e+30], got '256'",
+        ),
+        (
+            {"model_type": "gemma2", "hidden_activation": 3},
+            "config_from_hf: hidden_activation must be a string, got 3 (int)",
         ),
         (
             {"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 4},
@@ -498,6 +692,8 @@ BASE = dict(
             "ModelConfig: rotary_dim and rope_scaling need positional='rotary'",
         ),
         (dict(rope_scaling={"factor": 2}), "ModelConfig: rope_scaling must be a RopeScaling"),
+        (dict(attn_softcap=0.0), "ModelConfig: attn_softcap must be a number in (0, 1e+30]"),
+        (dict(attn_scale=-1.0), "ModelConfig: attn_scale must be a number in (0, 1e+30]"),
     ],
 )
 def test_model_config_validation(kwargs, message):
@@ -551,21 +747,22 @@ def test_biases_follow_the_config(ckpt):
         convert_llama_state_dict(sd, config_from_hf(llama.path))
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "gemma", "gemma2"])
 def test_unprocessed_matches_transformer_lens(ckpt, tokens, case):
-    """TransformerLens's tree and forward pass (RMS, gated MLP, GQA, llama3 rope, windows)
-    agree with ours; TL ignores Qwen2's sliding window, so its Qwen2 logits are not compared.
+    """TransformerLens's tree and forward pass (RMS, gated MLP, GQA, llama3 rope, windows,
+    Gemma-2's post-norms and soft-caps) agree with ours; TL ignores Qwen2's sliding window
+    and runs Gemma's MLP with the exact GELU, so those logits are not compared.
     """
     import torch
 
     c = ckpt(case)
-    tl = tl_rotary_model(c, **UNPROCESSED)
-    model = load_pretrained(c.path, **UNPROCESSED)
+    tl = tl_rotary_model(c, **NO_PROCESSING)
+    model = load_pretrained(c.path, **NO_PROCESSING)
     ref, got = tl_tree(tl), flatten(model.params)
     assert set(ref) == set(got)
     for key, value in got.items():
         np.testing.assert_array_equal(value, ref[key], err_msg=key)
-    if case != "qwen2":
+    if case not in ("qwen2", "gemma"):
         with torch.no_grad():
             tl_logits = tl(torch.as_tensor(tokens, dtype=torch.long)).numpy()
         np.testing.assert_allclose(np.asarray(model(tokens)), tl_logits, rtol=0, atol=1e-4)

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import build_gpt2, flatten, hf_logits
+from _reference import log_softmax
+from conftest import NO_PROCESSING, build_gpt2, flatten, hf_logits
 
 from lowrank.models import (
     EMBEDDED_MODEL,
@@ -21,10 +21,6 @@ from lowrank.models import (
     load_tokenizer,
     open_state_dict,
     resolve_checkpoint,
-)
-
-NO_PROCESSING = dict(
-    fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
 )
 
 
@@ -56,7 +52,6 @@ def test_logits_match_hf(checkpoint, tokens):
     processed = load_pretrained(checkpoint.path)
     assert processed.ln_folded
     logits = np.asarray(processed(tokens))
-    log_softmax = lambda x: np.asarray(jax.nn.log_softmax(jnp.asarray(x), -1))  # noqa: E731
     np.testing.assert_allclose(log_softmax(logits), log_softmax(ref), rtol=0, atol=1e-4)
     np.testing.assert_allclose(logits, ref - ref.mean(-1, keepdims=True), rtol=0, atol=1e-4)
 
@@ -81,6 +76,8 @@ def test_sharded_safetensors(gpt2_checkpoint, gpt2_model, tmp_path):
 
 
 def test_pickle_needs_opt_in(gpt2_checkpoint, gpt2_model, tmp_path, monkeypatch):
+    import torch
+
     copy_checkpoint(gpt2_checkpoint.path, tmp_path, skip={"model.safetensors"})
     torch.save(gpt2_checkpoint.hf_model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(
@@ -261,6 +258,8 @@ def test_float64(gpt2_checkpoint, tokens):
 
     (GPT-2: HF's GPT-Neo computes attention scores in float32 even for double weights.)
     """
+    import torch
+
     hf = copy.deepcopy(gpt2_checkpoint.hf_model).double()
     with torch.no_grad():
         ref = hf(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -274,6 +273,8 @@ def test_float64(gpt2_checkpoint, tokens):
 
 def test_bfloat16_checkpoint(gpt2_checkpoint, tmp_path):
     """bf16 safetensors (which NumPy cannot name) are memory-mapped with ml_dtypes."""
+    import torch
+
     model = copy.deepcopy(gpt2_checkpoint.hf_model).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     loaded = load_pretrained(tmp_path, **NO_PROCESSING)

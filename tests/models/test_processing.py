@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import flatten, hf_numpy_state_dict, tl_stacked
+from conftest import flatten, tl_stacked
 
 from lowrank.models import (
     center_unembed,
     center_writing_weights,
-    config_from_hf,
-    convert_state_dict,
     fold_layer_norm,
     fold_value_biases,
     forward,
@@ -28,16 +26,6 @@ FLAGS = list(itertools.product([False, True], repeat=4))
 def flag_id(flags):
     names = ("fold_ln", "center_writing", "center_unembed", "fold_value_biases")
     return "-".join(n for n, on in zip(names, flags, strict=True) if on) or "none"
-
-
-@pytest.fixture(scope="module")
-def converted(gpt2_checkpoint, gpt_neo_checkpoint):
-    """Family -> (config, unprocessed NumPy tree)."""
-    out = {}
-    for ckpt in (gpt2_checkpoint, gpt_neo_checkpoint):
-        config = config_from_hf(ckpt.path)
-        out[ckpt.family] = config, convert_state_dict(hf_numpy_state_dict(ckpt), config)
-    return out
 
 
 _forward = jax.jit(forward, static_argnames="config")

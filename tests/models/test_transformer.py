@@ -20,15 +20,6 @@ from lowrank.models.transformer import ACTIVATION_FNS
 _forward = jax.jit(forward, static_argnames=("config", "return_activations"))
 
 
-@pytest.fixture(scope="module")
-def converted(gpt2_checkpoint, gpt_neo_checkpoint):
-    out = {}
-    for ckpt in (gpt2_checkpoint, gpt_neo_checkpoint):
-        config = config_from_hf(ckpt.path)
-        out[ckpt.family] = config, convert_state_dict(hf_numpy_state_dict(ckpt), config)
-    return out
-
-
 def test_logits_match_hf(checkpoint, converted, tokens):
     config, params = converted[checkpoint.family]
     ours = np.asarray(_forward(params, tokens, config=config))
