@@ -5,12 +5,21 @@ Every function takes a model (anything with TransformerLens-named weights ``W_E`
 ``[L, H, d_head, d_model]``, such as :class:`lowrank.models.TransformerModel`) and is
 jittable with the model as an argument. Nothing ``d_vocab x d_vocab`` or
 ``[L, H, d_model, d_model]`` is formed unless a function returns it on purpose.
+
+Grouped-query attention: a model whose ``W_K_grouped`` / ``W_V_grouped`` are
+``[L, n_kv_heads, d_model, d_head]`` (``n_kv_heads < H``, query head ``h`` reading key/value
+head ``h // group``) is analysed from those grouped weights, never from a copy repeated per
+query head. Numeric results keep TransformerLens's per-query-head shapes and meaning
+(``[L, H]`` copying scores, ``[L, H, L, H]`` composition scores, ...). The circuits that are
+returned as a :class:`FactoredMatrix` split the head axis instead, ``[L, n_kv_heads, group,
+l, r]``, with the key/value factor broadcast over ``group`` (size 1 there); reshape a
+per-head result of one to ``[L, H, ...]`` (``x.reshape(L, H, *x.shape[3:])``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +42,7 @@ __all__ = [
     "copying_scores",
     "full_ov_circuit",
     "full_qk_circuit",
+    "kv_weights",
     "ov_circuit",
     "ov_eigenvalues",
     "positional_qk_circuit",
@@ -40,49 +50,128 @@ __all__ = [
 ]
 
 
+class _Heads(NamedTuple):
+    """Attention weights with the head axis split as ``[L, n_kv_heads, group, ...]``.
+
+    ``Q [..., d_model, d_head]`` and ``O [..., d_head, d_model]`` are per query head;
+    ``K`` and ``V [L, n_kv_heads, 1, d_model, d_head]`` are per key/value head (size-1 group
+    axis, broadcast). Without grouping ``n_kv_heads = H`` and ``group = 1``.
+    """
+
+    Q: Array
+    K: Array
+    V: Array
+    O: Array
+
+
+def kv_weights(model: Any) -> tuple[Array, Array]:
+    """The stored key and value weights ``W_K, W_V [L, n_kv_heads, d_model, d_head]``.
+
+    ``model.W_K_grouped`` / ``model.W_V_grouped`` where the model has them (grouped-query
+    models keep fewer key/value heads than query heads), else ``model.W_K`` / ``model.W_V``.
+
+    Raises:
+        ValueError: if the query heads cannot be shared evenly by the key/value heads.
+    """
+    W_K, W_V = (_stored(model, name) for name in ("W_K", "W_V"))
+    n_heads, n_kv = model.W_Q.shape[1], W_K.shape[1]
+    if W_K.shape != W_V.shape or W_K.ndim != 4 or n_kv == 0 or n_heads % n_kv:
+        raise ValueError(
+            "kv_weights: W_K and W_V must both be [L, n_kv_heads, d_model, d_head] with "
+            f"n_kv_heads dividing the {n_heads} query heads of W_Q "
+            f"{tuple(model.W_Q.shape)}; got {tuple(W_K.shape)} and {tuple(W_V.shape)}"
+        )
+    return W_K, W_V
+
+
+def _stored(model: Any, name: str) -> Array:
+    grouped = getattr(model, f"{name}_grouped", None)
+    return getattr(model, name) if grouped is None else grouped
+
+
+def _split(x: Array, n_kv: int) -> Array:
+    """``[L, H, ...] -> [L, n_kv, H // n_kv, ...]`` (a reshape)."""
+    return x.reshape(x.shape[0], n_kv, x.shape[1] // n_kv, *x.shape[2:])
+
+
+def _merge(x: Array) -> Array:
+    """``[L, n_kv, group, ...] -> [L, n_kv * group, ...]`` (a reshape)."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _heads(model: Any) -> _Heads:
+    W_K, W_V = kv_weights(model)
+    n_kv = W_K.shape[1]
+    return _Heads(
+        _split(model.W_Q, n_kv), W_K[:, :, None], W_V[:, :, None], _split(model.W_O, n_kv)
+    )
+
+
+def _circuit(A: Array, B: Array) -> FactoredMatrix:
+    """``FactoredMatrix(A, B)`` of split factors; ``[L, H, l, r]`` when nothing is grouped."""
+    if A.shape[2] == B.shape[2] == 1:
+        return FactoredMatrix(A[:, :, 0], B[:, :, 0])
+    return FactoredMatrix(A, B)
+
+
 def ov_circuit(model: Any) -> FactoredMatrix:
-    """``W_V @ W_O`` per head: ``FactoredMatrix [L, H, d_model, d_model]`` of rank ``d_head``."""
-    return FactoredMatrix(model.W_V, model.W_O)
+    """``W_V @ W_O`` per head: ``FactoredMatrix [L, H, d_model, d_model]`` of rank ``d_head``.
+
+    Grouped-query models: ``[L, n_kv_heads, group, d_model, d_model]`` (module docstring).
+    """
+    h = _heads(model)
+    return _circuit(h.V, h.O)
 
 
 def qk_circuit(model: Any) -> FactoredMatrix:
-    """``W_Q @ W_K^T`` per head: ``FactoredMatrix [L, H, d_model, d_model]``."""
-    return FactoredMatrix(model.W_Q, mT(model.W_K))
+    """``W_Q @ W_K^T`` per head: ``FactoredMatrix [L, H, d_model, d_model]``.
+
+    Grouped-query models: ``[L, n_kv_heads, group, d_model, d_model]`` (module docstring).
+    """
+    h = _heads(model)
+    return _circuit(h.Q, mT(h.K))
 
 
 def full_ov_circuit(model: Any) -> FactoredMatrix:
     """``W_E @ W_V @ W_O @ W_U``: ``FactoredMatrix [L, H, d_vocab, d_vocab]``.
 
     Its factors ``W_E W_V [L, H, V, d_head]`` and ``W_O W_U [L, H, d_head, V]`` are formed (that
-    is what returning it means); for its eigenvalues use :func:`copying_scores`, which never
-    forms them.
+    is what returning it means; grouped-query models form ``W_E W_V`` once per key/value head,
+    shape as in the module docstring); for its eigenvalues use :func:`copying_scores`, which
+    never forms them.
     """
-    return FactoredMatrix(mm(model.W_E, model.W_V), mm(model.W_O, model.W_U))
+    h = _heads(model)
+    return _circuit(mm(model.W_E, h.V), mm(h.O, model.W_U))
 
 
 def full_qk_circuit(model: Any) -> FactoredMatrix:
     """``W_E @ W_Q @ W_K^T @ W_E^T``: token-by-token attention scores, ``[L, H, V, V]``."""
-    return FactoredMatrix(mm(model.W_E, model.W_Q), mT(mm(model.W_E, model.W_K)))
+    h = _heads(model)
+    return _circuit(mm(model.W_E, h.Q), mT(mm(model.W_E, h.K)))
 
 
 def positional_qk_circuit(model: Any) -> FactoredMatrix:
     """``W_pos @ W_Q @ W_K^T @ W_pos^T``: position-by-position scores, ``[L, H, n_ctx, n_ctx]``."""
-    return FactoredMatrix(mm(model.W_pos, model.W_Q), mT(mm(model.W_pos, model.W_K)))
+    h = _heads(model)
+    return _circuit(mm(model.W_pos, h.Q), mT(mm(model.W_pos, h.K)))
 
 
 def ov_eigenvalues(model: Any, *, full: bool = True) -> Array:
     """Nonzero eigenvalues of each head's (full) OV circuit, ``[L, H, d_head]`` complex.
 
     Args:
+        model: the model.
         full: the full OV circuit ``W_E W_V W_O W_U`` (default), via the ``d_head x d_head``
             core ``W_O (W_U W_E) W_V`` in which ``W_U W_E`` is shared by all heads; ``False``
-            uses the OV circuit ``W_V W_O`` alone (core ``W_O W_V``).
+            uses the OV circuit ``W_V W_O`` alone (core ``W_O W_V``). Grouped value weights
+            enter the core once per key/value head.
     """
+    h = _heads(model)
     if full:
-        core = cyclic_core(model.W_E, model.W_V, model.W_O, model.W_U)
+        core = cyclic_core(model.W_E, h.V, h.O, model.W_U)
     else:
-        core = mm(model.W_O, model.W_V)
-    return linalg.eigvals(core)
+        core = mm(h.O, h.V)
+    return _merge(linalg.eigvals(core))
 
 
 def copying_scores(model: Any, *, full: bool = True) -> Array:
@@ -105,13 +194,14 @@ def composition_baseline(d_model: int) -> float:
     return 1.0 / math.sqrt(d_model)
 
 
-def _right_factors(model: Any, kind: str) -> tuple[Array, Array]:
+def _right_factors(h: _Heads, kind: str) -> tuple[Array, Array]:
+    """The later head's factors ``A2 [L, n_kv, g_A, d_model, d_head]``, ``B2 [..., d_model]``."""
     if kind == "Q":  # writes into the queries: QK
-        return model.W_Q, mT(model.W_K)
+        return h.Q, mT(h.K)
     if kind == "K":  # writes into the keys: QK^T
-        return model.W_K, mT(model.W_Q)
+        return h.K, mT(h.Q)
     if kind == "V":  # writes into the values: OV
-        return model.W_V, model.W_O
+        return h.V, h.O
     raise ValueError(f"composition_scores: kind must be 'Q', 'K' or 'V', got {kind!r}")
 
 
@@ -155,7 +245,10 @@ def composition_scores(
     ``||L R||_F^2 = sum((G1 C) * (C G2))`` where ``C = B1 A2`` and ``G1 = A1^T A1``,
     ``G2 = B2 B2^T`` are ``d_head x d_head``: one large matrix product for all pairs and no
     decompositions. Only pairs with the right head in a later layer are computed, a few
-    layer pairs at a time.
+    layer pairs at a time. Grouped-query models: the key/value factors (and their Gram
+    matrices) enter once per key/value head and are broadcast over its query heads inside
+    the small ``d_head x d_head`` products; the scores are per query head, as
+    TransformerLens's (which repeats ``W_K``, ``W_V`` per query head).
 
     Args:
         schedule: the layer pairs of each step (:func:`composition_schedule`, the default).
@@ -166,9 +259,10 @@ def composition_scores(
         ``[L, H, L, H]`` (left layer, left head, right layer, right head), zero unless
         ``left layer < right layer``. Compare with :func:`composition_baseline`.
     """
-    A1, B1 = model.W_V, model.W_O  # left = A1 @ B1
-    A2, B2 = _right_factors(model, kind)  # right = A2 @ B2
-    n_layers, n_heads, d_model, d_head = A1.shape
+    h = _heads(model)  # left = V O of an earlier head, right = A2 @ B2
+    A2, B2 = _right_factors(h, kind)
+    n_layers, n_kv, group, d_model, d_head = h.Q.shape
+    n_heads = n_kv * group
     n_pairs = n_layers * (n_layers - 1) // 2
     steps = composition_schedule(n_layers, n_heads, d_head) if schedule is None else schedule
     lo_steps, hi_steps = jnp.asarray(steps[0]), jnp.asarray(steps[1])
@@ -177,20 +271,22 @@ def composition_scores(
             "composition_scores: schedule must be two [steps, pairs_per_step] arrays covering "
             f"all {n_pairs} layer pairs, got shapes {lo_steps.shape} and {hi_steps.shape}"
         )
-    G1 = mm(mT(A1), A1)  # [L, H, dh, dh]
-    G2 = mm(B2, mT(B2))
-    left_sq = jnp.sum(G1 * mm(B1, mT(B1)), axis=(-2, -1))  # ||A1 B1||_F^2, [L, H]
-    right_sq = jnp.sum(G2 * mm(mT(A2), A2), axis=(-2, -1))
-    B1_rows = B1.reshape(n_layers, n_heads * d_head, d_model)
-    A2_cols = jnp.moveaxis(A2, 2, 1).reshape(n_layers, d_model, n_heads * d_head)
+    G1 = mm(mT(h.V), h.V)[:, :, 0]  # [L, n_kv, dh, dh]: once per key/value head
+    G2 = mm(B2, mT(B2))  # [L, n_kv, g_B, dh, dh]
+    left_sq = _merge(jnp.sum(G1[:, :, None] * mm(h.O, mT(h.O)), axis=(-2, -1)))  # [L, H]
+    right_sq = _merge(jnp.sum(G2 * mm(mT(A2), A2), axis=(-2, -1)))
+    B1_rows = model.W_O.reshape(n_layers, n_heads * d_head, d_model)
 
     def pair_norms(_: None, pair: tuple[Array, Array]) -> tuple[None, Array]:
         lo, hi = pair
-        C = mm(B1_rows[lo], A2_cols[hi])  # [k, H dh, H dh]
-        C = C.reshape(lo.shape[0], n_heads, d_head, n_heads, d_head)
-        left_side = jnp.einsum("khab,khbgc->khagc", G1[lo], C, precision=HIGHEST)
-        right_side = jnp.einsum("khagb,kgbc->khagc", C, G2[hi], precision=HIGHEST)
-        return None, jnp.sum(left_side * right_side, axis=(2, 4))  # [k, H, H]
+        k = lo.shape[0]
+        # Indices: k pair, (u, j) left head (kv head, member), (v, m|n) right head.
+        C = jnp.einsum("kid,kvmde->kvmie", B1_rows[lo], A2[hi], precision=HIGHEST)
+        C = C.reshape(k, n_kv, A2.shape[2], n_kv, group, d_head, d_head)
+        left_side = jnp.einsum("kuab,kvmujbe->kvmujae", G1[lo], C, precision=HIGHEST)
+        right_side = jnp.einsum("kvmujae,kvnec->kvmnujac", C, G2[hi], precision=HIGHEST)
+        sq = jnp.einsum("kvmujac,kvmnujac->kvmnuj", left_side, right_side, precision=HIGHEST)
+        return None, jnp.swapaxes(sq.reshape(k, n_heads, n_heads), 1, 2)  # [k, H, H]
 
     # A scan over steps: bounded memory, a compile time independent of depth.
     _, norm_sq = jax.lax.scan(pair_norms, None, (lo_steps, hi_steps))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shlex
 import sys
@@ -165,13 +166,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
             raise _Exit(
                 2, f"error: --top-heads {args.top_heads} is more than the model's {n_heads} heads"
             )
+        load = functools.partial(
+            load_pretrained, directory, allow_pickle=args.allow_pickle, config=config
+        )
         if not args.distributed:
-            return load_pretrained(directory, allow_pickle=args.allow_pickle), None
+            return load(), None
         from lowrank import sharding
 
         mesh = sharding.make_mesh(config.n_layers, config.n_heads)
-        place = sharding.sharded_place(mesh)
-        return load_pretrained(directory, allow_pickle=args.allow_pickle, place=place), mesh
+        return load(place=sharding.sharded_place(mesh)), mesh
     except _Exit:
         raise
     except Exception as err:  # a bad checkpoint can raise anything: report it, never a traceback

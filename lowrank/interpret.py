@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank import linalg
+from lowrank import circuits, linalg
 from lowrank._util import mm
 from lowrank.factored import FactoredMatrix
 
@@ -76,13 +76,14 @@ def _check_index(name: str, value: int, size: int) -> None:
 
 def _interpreted_matrix(model: Any, kind: str, layer: int, head: int | None) -> Any:
     """The matrix whose right singular vectors live in the residual stream."""
-    n_layers, n_heads = model.W_V.shape[:2]
+    n_layers, n_heads = model.W_O.shape[:2]
     _check_index("layer", layer, n_layers)
     if kind == "OV":
         if head is None:
             raise ValueError("svd_directions: kind 'OV' needs a head index")
         _check_index("head", head, n_heads)
-        return FactoredMatrix(model.W_V[layer, head], model.W_O[layer, head])
+        W_V = circuits.kv_weights(model)[1]  # grouped: query head h reads h // group
+        return FactoredMatrix(W_V[layer, head // (n_heads // W_V.shape[1])], model.W_O[layer, head])
     if head is not None:
         raise ValueError(f"svd_directions: kind {kind!r} is per layer; got head={head}")
     if kind == "w_in":
@@ -106,7 +107,8 @@ def svd_directions(
     """Top ``num_vectors`` singular directions of an OV circuit or MLP matrix, read via ``W_U``.
 
     Args:
-        model: a model with ``W_V``, ``W_O``, ``W_in``, ``W_out``, ``W_U`` (and ``params``).
+        model: a model with ``W_V``, ``W_O``, ``W_in``, ``W_out``, ``W_U`` (and ``params``);
+            grouped-query models are read from their grouped ``W_V`` (no repeated copy).
         kind: ``"OV"`` (needs ``head``), ``"w_in"`` or ``"w_out"``.
         layer, head: which matrix.
         num_vectors: how many singular directions, largest first (default: up to 10).
@@ -167,19 +169,30 @@ def embedding_spectra(
 ) -> dict[str, Array]:
     """Singular values of ``W_E``, ``W_U``, ``W_pos`` and of token-plus-position embeddings.
 
+    A model with rotary positions has no ``W_pos``: its spectra are those of ``W_E`` and ``W_U``
+    alone (and ``positions`` must be ``None``).
+
     Args:
         tokens, positions: index vectors; the rows ``W_E[t] + W_pos[p]`` for every pair form the
             ``"W_E + W_pos"`` matrix (default: the first 256 tokens, every position).
 
     Returns:
-        ``{"W_E": [k], "W_U": [k], "W_pos": [k], "W_E + W_pos": [k]}``.
+        ``{"W_E": [k], "W_U": [k], "W_pos": [k], "W_E + W_pos": [k]}``, the last two only for
+        learned positions.
     """
+    spectra = {"W_E": linalg.svdvals(model.W_E), "W_U": linalg.svdvals(model.W_U)}
+    if model.config.positional != "learned":
+        if positions is not None:
+            raise ValueError(
+                f"embedding_spectra: positions given, but the model's positions are "
+                f"{model.config.positional} (no W_pos)"
+            )
+        return spectra
     tokens = jnp.arange(min(256, model.W_E.shape[0])) if tokens is None else jnp.asarray(tokens)
     positions = jnp.arange(model.W_pos.shape[0]) if positions is None else jnp.asarray(positions)
     grid = model.W_E[tokens][:, None, :] + model.W_pos[positions][None, :, :]
     return {
-        "W_E": linalg.svdvals(model.W_E),
-        "W_U": linalg.svdvals(model.W_U),
+        **spectra,
         "W_pos": linalg.svdvals(model.W_pos),
         "W_E + W_pos": linalg.svdvals(grid.reshape(-1, grid.shape[-1])),
     }

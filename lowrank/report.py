@@ -16,7 +16,7 @@ import html
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -29,6 +29,8 @@ from lowrank.models import ModelConfig, TransformerModel
 from lowrank.models._common import dotted_path
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from matplotlib.figure import Figure
 
 __all__ = [
@@ -120,8 +122,22 @@ class InterpretedHead:
 
 
 @dataclasses.dataclass(frozen=True)
+class LearnedPositions:
+    """What the report shows of a learned positional embedding ``W_pos``."""
+
+    vectors: np.ndarray  # [n_ctx, k], left singular vectors of W_pos
+    singular_values: np.ndarray  # [k]
+    effective_rank: int
+    qk: np.ndarray  # [L, H, P, P], query x key over the first P positions
+    heads: tuple[tuple[int, int], ...]  # (layer, head) drawn in the positional figure
+
+
+@dataclasses.dataclass(frozen=True)
 class Results:
-    """Every number of the report, as host NumPy arrays (``L`` layers, ``H`` heads)."""
+    """Every number of the report, as host NumPy arrays (``L`` layers, ``H`` heads).
+
+    ``positions`` is ``None`` for a model with rotary positions (it has no ``W_pos``).
+    """
 
     model: str
     config: ModelConfig
@@ -131,12 +147,8 @@ class Results:
     composition: Mapping[str, np.ndarray]  # "Q" | "K" | "V" -> [L, H, L, H]
     baseline: float
     embedding_spectra: Mapping[str, np.ndarray]  # name -> [k]
-    w_pos_vectors: np.ndarray  # [n_ctx, k], left singular vectors
-    w_pos_singular_values: np.ndarray  # [k]
-    w_pos_effective_rank: int
     interpreted: tuple[InterpretedHead, ...]
-    positional_qk: np.ndarray  # [L, H, P, P], query x key over the first P positions
-    positional_heads: tuple[tuple[int, int], ...]  # (layer, head) drawn in the positional figure
+    positions: LearnedPositions | None
 
 
 def nonfinite_parameters(model: TransformerModel) -> list[str]:
@@ -200,8 +212,6 @@ def analyse(
     tick("composition scores")
 
     spectra = compute(interpret.embedding_spectra, model)
-    U_pos, S_pos, _ = compute(linalg.svd, model.W_pos)
-    pos_rank = int(interpret.effective_rank(jnp.asarray(S_pos)))
     tick("embedding spectra")
 
     order = np.argsort(-full_copy.reshape(-1))[: min(top_heads, c.n_layers * c.n_heads)]
@@ -227,12 +237,22 @@ def analyse(
         )
     tick("SVD interpreter")
 
-    n_pos = min(POSITIONS_SHOWN, c.n_ctx)
-    positional = compute(
-        lambda m: circuits.positional_qk_circuit(m)[..., :n_pos, :n_pos].AB, model, per_head=True
-    )
-    n_all = c.n_layers * c.n_heads
-    shown = tuple(divmod(i, c.n_heads) for i in range(n_all)) if n_all <= 8 else chosen
+    positions = None
+    if c.positional == "learned":
+        U_pos, S_pos, _ = compute(linalg.svd, model.W_pos)
+        n_pos = min(POSITIONS_SHOWN, c.n_ctx)
+        n_all = c.n_layers * c.n_heads
+        positions = LearnedPositions(
+            vectors=U_pos,
+            singular_values=S_pos,
+            effective_rank=int(interpret.effective_rank(jnp.asarray(S_pos))),
+            qk=compute(
+                lambda m: circuits.positional_qk_circuit(m)[..., :n_pos, :n_pos].AB,
+                model,
+                per_head=True,
+            ),
+            heads=tuple(divmod(i, c.n_heads) for i in range(n_all)) if n_all <= 8 else chosen,
+        )
     tick("positional QK")
 
     return Results(
@@ -244,12 +264,8 @@ def analyse(
         composition=composition,
         baseline=circuits.composition_baseline(c.d_model),
         embedding_spectra=spectra,
-        w_pos_vectors=U_pos,
-        w_pos_singular_values=S_pos,
-        w_pos_effective_rank=pos_rank,
         interpreted=tuple(interpreted),
-        positional_qk=positional,
-        positional_heads=shown,
+        positions=positions,
     )
 
 
@@ -309,19 +325,21 @@ class _FigureSpec:
     filename: str
     section: str
     caption: str
-    draw: Callable[[], Figure]
+    draw: Callable[[ModuleType], Figure]  # given lowrank.plot (matplotlib: imported to draw)
 
 
 def _figure_specs(r: Results) -> list[_FigureSpec]:
-    from lowrank import plot  # matplotlib is only needed for figures
+    """The report's figures: names, sections, captions, and how to draw each with ``plot``.
 
+    Needs no matplotlib (:func:`to_json` lists the figures); :func:`figures` draws them.
+    """
     c = r.config
     specs = [
         _FigureSpec(
             "copying_full_ov.png",
             "copying",
             "Copying score of each head's full OV circuit W_E W_V W_O W_U.",
-            lambda: plot.head_heatmap(
+            lambda plot: plot.head_heatmap(
                 r.full_ov_copying, title="Full OV circuit copying score (W_E W_V W_O W_U)"
             ),
         ),
@@ -330,7 +348,9 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
             "copying",
             "Copying score of each head's OV circuit W_V W_O alone (see above for why it can "
             "differ in sign).",
-            lambda: plot.head_heatmap(r.ov_copying, title="OV circuit copying score (W_V W_O)"),
+            lambda plot: plot.head_heatmap(
+                r.ov_copying, title="OV circuit copying score (W_V W_O)"
+            ),
         ),
     ]
     if c.n_layers * c.n_heads <= 64:
@@ -340,44 +360,49 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
                 "copying",
                 "Eigenvalues of each head's full OV circuit in the complex plane "
                 "(red: positive real part, blue: negative).",
-                lambda: plot.eigenvalue_scatter(
+                lambda plot: plot.eigenvalue_scatter(
                     r.full_ov_eigenvalues, title="Full OV circuit eigenvalues per head"
                 ),
             )
         )
     vmax = max(float(np.nanmax(r.composition[kind], initial=0.0)) for kind in KINDS) or 1.0
-    for kind in KINDS:
-        specs.append(
-            _FigureSpec(
-                f"composition_{kind}.png",
-                "composition",
-                f"{kind}-composition of every (earlier, later) head pair.",
-                functools.partial(
-                    plot.composition_heatmap,
-                    r.composition[kind],
-                    title=f"{kind}-composition",
-                    baseline=r.baseline,
-                    vmax=vmax,
-                ),
-            )
+
+    def composition(kind: str) -> _FigureSpec:
+        return _FigureSpec(
+            f"composition_{kind}.png",
+            "composition",
+            f"{kind}-composition of every (earlier, later) head pair.",
+            lambda plot: plot.composition_heatmap(
+                r.composition[kind], title=f"{kind}-composition", baseline=r.baseline, vmax=vmax
+            ),
         )
-    every_head = len(r.positional_heads) == c.n_layers * c.n_heads
-    specs += [
+
+    specs += [composition(kind) for kind in KINDS]
+    specs.append(
         _FigureSpec(
             "embedding_spectra.png",
             "embeddings",
-            "Singular values of W_E, W_U, W_pos and of token + position embeddings (log scale).",
-            lambda: plot.singular_value_spectra(
+            "Singular values of W_E, W_U, W_pos and of token + position embeddings (log scale)."
+            if r.positions
+            else "Singular values of W_E and W_U (log scale); rotary positions have no W_pos.",
+            lambda plot: plot.singular_value_spectra(
                 r.embedding_spectra, title="Singular values of the embeddings"
             ),
-        ),
+        )
+    )
+    return specs + (_positional_figure_specs(r.positions, c) if r.positions else [])
+
+
+def _positional_figure_specs(pos: LearnedPositions, c: ModelConfig) -> list[_FigureSpec]:
+    every_head = len(pos.heads) == c.n_layers * c.n_heads
+    return [
         _FigureSpec(
             "w_pos_singular_vectors.png",
             "embeddings",
             "The top left singular vectors of the positional embedding, over positions.",
-            lambda: plot.singular_vectors_over_positions(
-                r.w_pos_vectors,
-                r.w_pos_singular_values,
+            lambda plot: plot.singular_vectors_over_positions(
+                pos.vectors,
+                pos.singular_values,
                 k=W_POS_VECTORS_SHOWN,
                 title="Top singular vectors of W_pos",
             ),
@@ -385,19 +410,20 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
         _FigureSpec(
             "positional_qk.png",
             "positional",
-            f"W_pos W_Q W_K^T W_pos^T over the first {r.positional_qk.shape[-1]} positions "
+            f"W_pos W_Q W_K^T W_pos^T over the first {pos.qk.shape[-1]} positions "
             f"(query x key), {'every head' if every_head else 'the most-copying heads'}.",
-            lambda: plot.positional_pattern(
-                r.positional_qk, heads=r.positional_heads, title="Positional QK scores"
+            lambda plot: plot.positional_pattern(
+                pos.qk, heads=pos.heads, title="Positional QK scores"
             ),
         ),
     ]
-    return specs
 
 
 def figures(results: Results) -> dict[str, tuple[Figure, str]]:
     """Every figure of the report: ``{filename: (figure, caption)}``."""
-    return {spec.filename: (spec.draw(), spec.caption) for spec in _figure_specs(results)}
+    from lowrank import plot  # matplotlib is imported only to draw
+
+    return {spec.filename: (spec.draw(plot), spec.caption) for spec in _figure_specs(results)}
 
 
 def _label(layer: int, head: int) -> str:
@@ -415,7 +441,7 @@ def provenance(command: str | None = None) -> dict[str, str | None]:
         "lowrank_version": lowrank.__version__,
         "jax_version": jax.__version__,
         "device": f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
     }
 
@@ -429,8 +455,7 @@ def to_json(results: Results, meta: Mapping[str, Any] | None = None) -> dict[str
     Args:
         meta: :func:`provenance` of the run (default: none recorded).
     """
-    r, c = results, results.config
-    k = min(W_POS_VECTORS_SHOWN, r.w_pos_vectors.shape[-1])
+    r, c, pos = results, results.config, results.positions
     report = {
         "model": r.model,
         "meta": dict(meta or {}),
@@ -455,11 +480,13 @@ def to_json(results: Results, meta: Mapping[str, Any] | None = None) -> dict[str
             "scores": {kind: r.composition[kind].tolist() for kind in KINDS},
         },
         "embedding_spectra": {name: v.tolist() for name, v in r.embedding_spectra.items()},
-        "w_pos": {
-            "singular_values": r.w_pos_singular_values.tolist(),
-            "effective_rank": r.w_pos_effective_rank,
+        "w_pos": None
+        if pos is None
+        else {
+            "singular_values": pos.singular_values.tolist(),
+            "effective_rank": pos.effective_rank,
             "rel_threshold": 0.01,
-            "top_singular_vectors": r.w_pos_vectors[:, :k].T.tolist(),
+            "top_singular_vectors": pos.vectors[:, :W_POS_VECTORS_SHOWN].T.tolist(),
         },
         "svd_interpreter": [
             {
@@ -471,10 +498,12 @@ def to_json(results: Results, meta: Mapping[str, Any] | None = None) -> dict[str
             }
             for h in r.interpreted
         ],
-        "positional_qk": {
-            "positions": int(r.positional_qk.shape[-1]),
-            "heads": [_label(layer, head) for layer, head in r.positional_heads],
-            "scores": [r.positional_qk[layer, head].tolist() for layer, head in r.positional_heads],
+        "positional_qk": None
+        if pos is None
+        else {
+            "positions": int(pos.qk.shape[-1]),
+            "heads": [_label(layer, head) for layer, head in pos.heads],
+            "scores": [pos.qk[layer, head].tolist() for layer, head in pos.heads],
         },
         "figures": {
             spec.filename: {"section": spec.section, "caption": spec.caption}
@@ -553,11 +582,7 @@ def format_tables(report: dict[str, Any]) -> str:
         )
         lines.append(f"  {kind}: {text or '(none)'}")
     lines.append("")
-    w_pos = report["w_pos"]
-    lines.append(
-        f"W_pos effective rank (singular values above {w_pos['rel_threshold']:.0%} of the top): "
-        f"{w_pos['effective_rank']} of {len(w_pos['singular_values'])}"
-    )
+    lines.append(_w_pos_rank(report["w_pos"], "the top"))
     lines.append("")
     lines.append("SVD interpreter, top OV direction of the most-copying heads (both signs):")
     for entry in report["svd_interpreter"]:
@@ -606,13 +631,42 @@ def _cell(value: float | None, spec: str = ".3f") -> str:
     return f"<td>{html.escape(_number(value, spec))}</td>"
 
 
+def _text_cell(content: str) -> str:
+    """A left-aligned monospace cell holding ``content`` (HTML: escape text before)."""
+    return f"<td class='text'>{content}</td>"
+
+
+def _table(head: Sequence[str], rows: Iterable[str], caption: str = "") -> str:
+    """An HTML table: ``head`` header cells, then one row per item of ``rows``.
+
+    Args:
+        head: the header cells' contents (HTML).
+        rows: each row's cells (HTML, ``<td>``/``<th>`` elements).
+        caption: the caption (HTML); none when empty.
+    """
+    caption = f"<caption>{caption}</caption>" if caption else ""
+    header = "".join(f"<th>{cell}</th>" for cell in head)
+    body = "".join(f"<tr>{row}</tr>" for row in rows)
+    return f"<table>{caption}<tr>{header}</tr>{body}</table>"
+
+
 def _head_table(title: str, rows: list[list[float | None]]) -> str:
-    header = "".join(f"<th>H{h}</th>" for h in range(len(rows[0]) if rows else 0))
-    body = "".join(
-        f"<tr><th>L{layer}</th>{''.join(_cell(v) for v in row)}</tr>"
-        for layer, row in enumerate(rows)
+    n_heads = len(rows[0]) if rows else 0
+    return _table(
+        ["", *(f"H{h}" for h in range(n_heads))],
+        (f"<th>L{layer}</th>{''.join(_cell(v) for v in row)}" for layer, row in enumerate(rows)),
+        caption=html.escape(title),
     )
-    return f"<table><caption>{html.escape(title)}</caption><tr><th></th>{header}</tr>{body}</table>"
+
+
+def _w_pos_rank(w_pos: Mapping[str, Any] | None, top: str) -> str:
+    """The W_pos effective-rank sentence (or that there is no W_pos)."""
+    if w_pos is None:
+        return "No W_pos: the model's positions are rotary"
+    return (
+        f"W_pos effective rank (singular values above {w_pos['rel_threshold']:.0%} of {top}): "
+        f"{w_pos['effective_rank']} of {len(w_pos['singular_values'])}"
+    )
 
 
 def _section_tables(key: str, report: dict[str, Any]) -> str:
@@ -626,41 +680,40 @@ def _section_tables(key: str, report: dict[str, Any]) -> str:
         )
     if key == "composition":
         comp = report["composition"]
-        rows = "".join(
-            f"<tr><td class='text'>{kind}</td><td class='text'>{p['left']} &rarr; "
-            f"{p['right']}</td>{_cell(p['score'])}{_cell(p['x_baseline'], '.1f')}</tr>"
-            for kind, pairs in comp["top_pairs"].items()
-            for p in pairs
-        )
-        return (
-            f"<table><caption>Top pairs (random baseline {_number(comp['baseline'], '.3f')})"
-            "</caption><tr><th>kind</th><th>earlier &rarr; later head</th><th>score</th>"
-            f"<th>&times; baseline</th></tr>{rows}</table>"
+        return _table(
+            ["kind", "earlier &rarr; later head", "score", "&times; baseline"],
+            (
+                _text_cell(html.escape(kind))
+                + _text_cell(f"{html.escape(p['left'])} &rarr; {html.escape(p['right'])}")
+                + _cell(p["score"])
+                + _cell(p["x_baseline"], ".1f")
+                for kind, pairs in comp["top_pairs"].items()
+                for p in pairs
+            ),
+            caption=f"Top pairs (random baseline {_number(comp['baseline'], '.3f')})",
         )
     if key == "embeddings":
-        w_pos = report["w_pos"]
-        rows = "".join(
-            f"<tr><td class='text'>{html.escape(name)}</td>{_cell(v[0] if v else None, '.3g')}"
-            f"<td>{len(v)}</td></tr>"
-            for name, v in report["embedding_spectra"].items()
+        table = _table(
+            ["matrix", "largest singular value", "count"],
+            (
+                _text_cell(html.escape(name))
+                + _cell(v[0] if v else None, ".3g")
+                + f"<td>{len(v)}</td>"
+                for name, v in report["embedding_spectra"].items()
+            ),
         )
-        return (
-            "<table><tr><th>matrix</th><th>largest singular value</th><th>count</th></tr>"
-            f"{rows}</table><p>W_pos effective rank (singular values above "
-            f"{w_pos['rel_threshold']:.0%} of the largest): <b>{w_pos['effective_rank']}</b> "
-            f"of {len(w_pos['singular_values'])}.</p>"
-        )
+        return f"{table}<p>{html.escape(_w_pos_rank(report['w_pos'], 'the largest'))}.</p>"
     if key == "interpretation":
-        rows = "".join(
-            f"<tr><td class='text'>{e['head']}</td>{_cell(e['full_ov_copying_score'], '.2f')}"
-            f"{_cell(e['singular_value'], '.3g')}"
-            f"<td class='text'>{html.escape(_quoted(e['top_tokens']))}</td>"
-            f"<td class='text'>{html.escape(_quoted(e['top_tokens_negated']))}</td></tr>"
-            for e in report["svd_interpreter"]
-        )
-        return (
-            "<table><tr><th>head</th><th>copying</th><th>singular value</th>"
-            f"<th>+ tokens</th><th>&minus; tokens</th></tr>{rows}</table>"
+        return _table(
+            ["head", "copying", "singular value", "+ tokens", "&minus; tokens"],
+            (
+                _text_cell(html.escape(e["head"]))
+                + _cell(e["full_ov_copying_score"], ".2f")
+                + _cell(e["singular_value"], ".3g")
+                + _text_cell(html.escape(_quoted(e["top_tokens"])))
+                + _text_cell(html.escape(_quoted(e["top_tokens_negated"])))
+                for e in report["svd_interpreter"]
+            ),
         )
     return ""
 
@@ -692,6 +745,8 @@ def write_html(report: dict[str, Any], out_dir: str | Path) -> Path:
     )
     nav, sections = [], []
     for key, heading, explanation in SECTIONS:
+        if key == "positional" and report["positional_qk"] is None:
+            continue  # rotary positions: no W_pos
         images = "".join(
             f'<figure><img src="{html.escape(name)}" alt="{html.escape(fig["caption"])}">'
             f"<figcaption>{html.escape(fig['caption'])}</figcaption></figure>"

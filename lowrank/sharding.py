@@ -4,8 +4,11 @@ Weights with ``[L, H, ...]`` axes are split over both mesh axes, ``[L, ...]`` we
 ``layers``, everything else (embeddings, unembedding) is replicated. Per-head analyses then
 run where their heads live; :func:`composition_scores` splits the (left layer, right layer)
 pairs over every device instead. Nothing ``[L, H, d_model, d_model]`` or ``d_vocab x
-d_vocab`` is gathered anywhere. On several hosts, call :func:`jax.distributed.initialize`
-first; :func:`sharded_place` then lets each host read only its part of a checkpoint.
+d_vocab`` is gathered anywhere. Grouped-query models keep their key/value weights grouped
+(``[L, n_kv_heads, ...]``, split over ``heads`` when it divides ``n_kv_heads``, else over
+``layers`` only) and the analyses read them grouped, as unsharded. On several hosts, call
+:func:`jax.distributed.initialize` first; :func:`sharded_place` then lets each host read only
+its part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -77,18 +80,28 @@ def make_mesh(
     return Mesh(np.asarray(devices, dtype=object).reshape(a, b), (LAYERS, HEADS))
 
 
-def param_sharding(path: str, mesh: Mesh) -> NamedSharding:
-    """The sharding of one canonical parameter (``path`` like ``"blocks.attn.W_Q"``)."""
+def param_sharding(path: str, mesh: Mesh, shape: Sequence[int] | None = None) -> NamedSharding:
+    """The sharding of one canonical parameter (``path`` like ``"blocks.attn.W_Q"``).
+
+    Args:
+        path: the parameter's dotted path in the tree.
+        mesh: a ``(layers, heads)`` mesh.
+        shape: the parameter's shape, if known. Grouped key/value weights ``[L, n_kv_heads,
+            ...]`` whose ``n_kv_heads`` the ``heads`` mesh axis does not divide are split over
+            ``layers`` only (each head device keeps every key/value head of its layers).
+    """
     if not path.startswith("blocks."):
         return NamedSharding(mesh, P())
     per_head = path.split(".")[-1] in {"W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"}
+    if per_head and shape is not None and shape[1] % mesh.shape[HEADS]:
+        per_head = False
     return NamedSharding(mesh, P(LAYERS, HEADS) if per_head else P(LAYERS))
 
 
 def shard_model(model: TransformerModel, mesh: Mesh) -> TransformerModel:
     """``model`` with every parameter placed by :func:`param_sharding`."""
     params = place_params(
-        model.params, place=lambda path, x: jax.device_put(x, param_sharding(path, mesh))
+        model.params, place=lambda path, x: jax.device_put(x, param_sharding(path, mesh, x.shape))
     )
     return TransformerModel(params, model.config, model.tokenizer)
 
@@ -109,7 +122,7 @@ def sharded_place(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
     """
 
     def place(path: str, host: np.ndarray) -> jax.Array:
-        sharding = param_sharding(path, mesh)
+        sharding = param_sharding(path, mesh, host.shape)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return place

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from _reference import assert_rel_close
 
+import lowrank
 from lowrank import circuits
 from lowrank.cli import main
 from lowrank.models import load_pretrained
@@ -90,6 +91,20 @@ def test_help_documents_every_option():
     )
     for option in ("MODEL", "--out", "--top-heads", "--quiet", "report.json", "index.html"):
         assert option in sub.stdout
+
+
+def test_a_lowrank_folder_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """``python -m lowrank`` from a clone's parent: ./lowrank/ (no __init__.py) is not imported."""
+    (tmp_path / "lowrank").mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "lowrank", "report", "--quiet", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((tmp_path / "out" / "report.json").read_text())["meta"]
+    assert meta["lowrank_version"] == lowrank.__version__
 
 
 class _Terminal(io.StringIO):
@@ -278,6 +293,28 @@ def test_interrupted_run_leaves_the_previous_report(gpt2_checkpoint, previous, m
     with pytest.raises(KeyboardInterrupt):
         main(_argv(gpt2_checkpoint, out))
     assert _snapshot(out) == before and not _staging_left(out.parent)
+
+
+def test_config_is_read_once(gpt2_checkpoint, tmp_path, monkeypatch):
+    """The command reads config.json once (to check --top-heads) and hands it to the loader."""
+    import lowrank.models.loading
+    import lowrank.report
+
+    reads = []
+    read = lowrank.models.loading.config_from_hf
+
+    def counted(path):
+        reads.append(path)
+        return read(path)
+
+    def loaded(*args, **kwargs):
+        raise KeyboardInterrupt  # the model is loaded: the analyses are not needed
+
+    monkeypatch.setattr(lowrank.models.loading, "config_from_hf", counted)
+    monkeypatch.setattr(lowrank.report, "analyse", loaded)
+    with pytest.raises(KeyboardInterrupt):
+        main(_argv(gpt2_checkpoint, tmp_path / "out"))
+    assert len(reads) == 1, reads
 
 
 @pytest.fixture

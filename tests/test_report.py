@@ -8,6 +8,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 
 import jsonschema
 import numpy as np
@@ -73,6 +75,54 @@ def test_strict_json_turns_nan_into_null():
     assert "NaN" not in text and "Infinity" not in text
 
 
+# A report of one layer of two heads, built by hand: to_json must turn it into JSON (valid
+# against the schema) without importing matplotlib, which only drawing the figures needs.
+TINY_REPORT_TO_JSON = """
+import json, sys
+import numpy as np
+from lowrank import report
+from lowrank.models import ModelConfig
+
+config = ModelConfig("GPT2LMHeadModel", 1, 2, 8, 4, 32, 10, 6)
+results = report.Results(
+    model="tiny",
+    config=config,
+    full_ov_eigenvalues=np.full((1, 2, 4), 1 + 1j),
+    full_ov_copying=np.array([[1.0, np.nan]]),
+    ov_copying=np.array([[0.5, -0.5]]),
+    composition={kind: np.zeros((1, 2, 1, 2)) for kind in "QKV"},
+    baseline=8**-0.5,
+    embedding_spectra={"W_E": np.array([2.0, 1.0])},
+    interpreted=(report.InterpretedHead(0, 1, 1.0, 2.0, ("a",), ("b",)),),
+    positions=report.LearnedPositions(
+        vectors=np.eye(6)[:, :4],
+        singular_values=np.array([3.0, 2.0, 1.0, 0.0]),
+        effective_rank=3,
+        qk=np.zeros((1, 2, 6, 6)),
+        heads=((0, 0), (0, 1)),
+    ),
+)
+data = json.loads(report.dumps(report.to_json(results)))
+print(json.dumps({"report": data, "matplotlib": "matplotlib" in sys.modules}))
+"""
+
+
+def test_to_json_needs_no_matplotlib():
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(TINY_REPORT_TO_JSON)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = json.loads(run.stdout)
+    assert not out["matplotlib"], "report.to_json imported matplotlib"
+    data = out["report"]
+    jsonschema.validate(data, json.loads(report.SCHEMA_PATH.read_text()))
+    assert data["copying_scores"]["full_ov"] == [[1.0, None]]
+    assert "composition_K.png" in data["figures"]
+
+
 def test_page_is_self_contained_with_header_sections_tables_and_figures(written):
     _, data, out = written
     page = (out / "index.html").read_text()
@@ -114,3 +164,22 @@ def test_page_renders_in_headless_chromium(written, tmp_path):
     assert pixels.shape[:2] == (2000, 1400)
     assert pixels[:80].mean() < 0.4  # the dark header band
     assert pixels.std() > 0.1  # content, not a blank page
+
+
+def test_rotary_models_report_without_w_pos(rotary_checkpoint, tmp_path):
+    """A Llama-style model (rotary, grouped K/V) has no W_pos: no positional figures or section,
+    null w_pos and positional_qk in a schema-valid report.json; the rest as for learned ones.
+    """
+    model = load_pretrained(rotary_checkpoint("llama").path)
+    results = report.analyse(model, name="llama", top_heads=2)
+    data = report.write_files(results, tmp_path)
+    jsonschema.validate(data, json.loads(report.SCHEMA_PATH.read_text()))
+    assert data["w_pos"] is None and data["positional_qk"] is None
+    assert set(data["embedding_spectra"]) == {"W_E", "W_U"}
+    assert_rel_close(data["embedding_spectra"]["W_U"], interpret.embedding_spectra(model)["W_U"])
+    assert_rel_close(data["composition"]["scores"]["K"], circuits.composition_scores(model, "K"))
+    assert {"w_pos_singular_vectors.png", "positional_qk.png"}.isdisjoint(data["figures"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(data["figures"])
+    page = (tmp_path / "index.html").read_text()
+    assert 'id="positional"' not in page and "positions are rotary" in page
+    assert "positions are rotary" in report.format_tables(data)
