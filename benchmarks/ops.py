@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+import jax
 import numpy as np
 
 import lowrank
-from benchmarks.shapes import Weights, hooked_transformer
+from benchmarks.mirror import hooked_transformer
+from benchmarks.shapes import Weights
 from lowrank.models import ModelConfig
 
 F32 = 4  # bytes
@@ -26,7 +29,8 @@ F32 = 4  # bytes
 class TorchSide:
     """The TransformerLens inputs: stacked attention weights, embeddings and tokens.
 
-    They are torch tensors made from the same NumPy arrays as the lowrank model.
+    They are torch tensors made from the same NumPy arrays as the lowrank model. Grouped
+    key/value weights are repeated per query head, as TransformerLens's ``W_K``, ``W_V``.
     """
 
     weights: Weights
@@ -38,6 +42,9 @@ class TorchSide:
         import transformer_lens  # noqa: F401  (imported here, not inside the first timed call)
 
         flat = self.weights.flat()
+        group = self.weights.config.group_size
+        for key in ("blocks.attn.W_K", "blocks.attn.W_V"):
+            flat[key] = np.repeat(flat[key], group, axis=1)
         tensor = lambda key: torch.from_numpy(flat[key]).to(self.device)  # noqa: E731
         self.W_Q, self.W_K = tensor("blocks.attn.W_Q"), tensor("blocks.attn.W_K")
         self.W_V, self.W_O = tensor("blocks.attn.W_V"), tensor("blocks.attn.W_O")
@@ -62,6 +69,10 @@ class TorchSide:
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
 
+#: ``(config, tokens shape) -> (bytes, flops)`` of one TL call.
+Cost = Callable[[ModelConfig, tuple[int, int]], tuple[float, float]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One benchmarked operation.
@@ -81,7 +92,7 @@ class Op:
     lowrank: Callable[[Any, Any], Any]
     reference: Callable[[TorchSide], Any]
     compare: Callable[[Any, Any], float]
-    cost: Callable[[ModelConfig, tuple[int, int]], tuple[float, float]]
+    cost: Cost
     description: str
     setup: Callable[[TorchSide], Any] | None = None
 
@@ -111,6 +122,24 @@ def eig_error(a: Any, b: Any) -> float:
     moduli = np.abs(np.sort(np.abs(a), axis=-1) - np.sort(np.abs(b), axis=-1))
     reals = np.abs(np.sort(a.real, axis=-1) - np.sort(b.real, axis=-1))
     return float(np.max(np.maximum(moduli, reals) / radius))
+
+
+def _per_head_error(a: Any, b: Any) -> float:
+    """:func:`rel_error` relative to each head's largest value (the last axis's)."""
+    return rel_error(a, b, axis=-1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - np.max(x, axis=-1, keepdims=True)
+    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+
+
+def logprob_error(a: Any, b: Any) -> float:
+    """:func:`rel_error` of the log-softmax of two sets of logits (the last axis's).
+
+    Log-probabilities do not depend on a constant added to all logits of a position.
+    """
+    return rel_error(_log_softmax(_f64(a)), _log_softmax(_f64(b)))
 
 
 def svd_error(a: Any, b: Any) -> float:
@@ -194,7 +223,7 @@ def _tl_composition(t: TorchSide, kind: str) -> Any:
     return torch.where(mask, scores, torch.zeros_like(scores))
 
 
-def _composition(kind: str) -> Op:
+def _composition(kind: Literal["Q", "K", "V"]) -> Op:
     return Op(
         name=f"composition_{kind}",
         lowrank=lambda m, _: lowrank.circuits.composition_scores(m, kind),
@@ -205,39 +234,34 @@ def _composition(kind: str) -> Op:
     )
 
 
+#: The OV-circuit ops' comparison, TL cost estimate and description, by name.
+_OV_OPS: dict[str, tuple[Callable[[Any, Any], float], Cost, str]] = {
+    "ov_eigenvalues": (eig_error, _cost_ov_eig, "eigenvalues of every head's OV circuit W_V W_O"),
+    "ov_singular_values": (_per_head_error, _cost_ov_svd, "singular values of every OV circuit"),
+    "ov_svd": (svd_error, _cost_ov_svd, "thin SVD (U, S, V) of every OV circuit"),
+    "ov_norm": (rel_error, _cost_ov_svd, "Frobenius norm of every OV circuit"),
+}
+
+
+def _per_query_head(ov: Any, result: Any) -> Any:
+    """Results of a grouped ``OV [L, n_kv, group, d, d]`` as TL's per-head ``[L, H, ...]``."""
+    if ov.ndim == 4:
+        return result
+    return jax.tree.map(lambda x: x.reshape(x.shape[0], -1, *x.shape[3:]), result)
+
+
+def _ov_op(name: str, ours: Callable[[Any], Any], theirs: Callable[[Any], Any]) -> Op:
+    """The op ``name`` of every head's OV circuit: ``ours(model.OV)`` vs ``theirs(TL's OV)``."""
+    compare, cost, description = _OV_OPS[name]
+    lowrank_fn = lambda m, _: _per_query_head(m.OV, ours(m.OV))  # noqa: E731
+    return Op(name, lowrank_fn, lambda t: theirs(t.OV()), compare, cost, description)
+
+
 OPS: tuple[Op, ...] = (
-    Op(
-        "ov_eigenvalues",
-        lambda m, _: lowrank.eigvals(m.OV),
-        lambda t: t.OV().eigenvalues,
-        eig_error,
-        _cost_ov_eig,
-        "eigenvalues of every head's OV circuit W_V W_O",
-    ),
-    Op(
-        "ov_singular_values",
-        lambda m, _: lowrank.svdvals(m.OV),
-        lambda t: t.OV().S,
-        lambda a, b: rel_error(a, b, axis=-1),
-        _cost_ov_svd,
-        "singular values of every OV circuit",
-    ),
-    Op(
-        "ov_svd",
-        lambda m, _: lowrank.svd(m.OV),
-        lambda t: t.OV().svd(),
-        svd_error,
-        _cost_ov_svd,
-        "thin SVD (U, S, V) of every OV circuit",
-    ),
-    Op(
-        "ov_norm",
-        lambda m, _: lowrank.norm(m.OV),
-        lambda t: t.OV().norm(),
-        rel_error,
-        _cost_ov_svd,
-        "Frobenius norm of every OV circuit",
-    ),
+    _ov_op("ov_eigenvalues", lowrank.eigvals, operator.attrgetter("eigenvalues")),
+    _ov_op("ov_singular_values", lowrank.svdvals, operator.attrgetter("S")),
+    _ov_op("ov_svd", lowrank.svd, operator.methodcaller("svd")),
+    _ov_op("ov_norm", lowrank.norm, operator.methodcaller("norm")),
     Op(
         "full_ov_copying",
         lambda m, _: lowrank.circuits.copying_scores(m),
@@ -253,9 +277,9 @@ OPS: tuple[Op, ...] = (
         "forward",
         lambda m, tokens: lowrank.models.forward(m.params, tokens, m.config),
         lambda t: t.hooked(t.tokens),
-        rel_error,
+        logprob_error,
         _cost_forward,
-        "logits of the whole model on a fixed batch of tokens",
+        "log-softmax of the whole model's logits on a fixed batch of tokens",
         setup=lambda t: t.hooked,
     ),
 )

@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.run                                   # gpt2-small, every op
     python -m benchmarks.run --shapes gpt2-small,gpt2-medium --ops ov_eigenvalues,forward
+    python -m benchmarks.run --checkpoint ~/models/Llama-3.2-1B          # a local HF checkpoint
     python -m benchmarks.run --markdown-only benchmarks/results/cpu-2core.json
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,17 @@ import jax
 import numpy as np
 
 from benchmarks import measure
+from benchmarks.mirror import Unmirrorable
 from benchmarks.ops import OPS, OPS_BY_NAME, Op, TorchSide, compare
-from benchmarks.shapes import SHAPE_NAMES, Unavailable, build_weights
+from benchmarks.shapes import (
+    SHAPE_NAMES,
+    Unavailable,
+    Weights,
+    build_weights,
+    check_checkpoint,
+    checkpoint_weights,
+)
+from lowrank.models import CheckpointError
 
 SCHEMA = 1
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -89,7 +100,7 @@ def machine_info(name: str, torch_device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_cuda_device": torch.cuda.get_device_name() if torch_device == "cuda" else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -164,6 +175,9 @@ class Runner:
                 record["reference"], theirs = timed["result"], timed["output"]
                 if timed["note"]:
                     record["notes"].append(timed["note"])
+            except Unmirrorable as err:  # an op TL cannot run for this model: say so
+                record["reference"] = {"skipped": "TransformerLens cannot mirror the model"}
+                record["notes"].append(str(err))
             except Exception as err:
                 if _is_oom(err):
                     record["reference"] = {"skipped": f"out of memory ({_error(err)})"}
@@ -172,9 +186,9 @@ class Runner:
         if ours is not None and theirs is not None:
             record["speedup"] = record["reference"]["median_s"] / record["lowrank"]["median_s"]
             try:
-                err = compare(op, ours, theirs)
-                record["max_rel_error"] = err
-                record["agree"] = bool(err <= TOLERANCE)
+                max_error = compare(op, ours, theirs)
+                record["max_rel_error"] = max_error
+                record["agree"] = bool(max_error <= TOLERANCE)
             except Exception as exc:
                 record["notes"].append(f"comparison failed: {_error(exc)}")
         return record
@@ -185,20 +199,36 @@ def _tokens(config: Any, batch: int, seq: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config.d_vocab, (batch, seq), dtype=np.int32)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the selected ops on the selected shapes and return the report."""
-    import torch
+def _shape_info(weights: Weights) -> dict[str, Any]:
+    """The report's ``shapes`` entry of one set of weights."""
+    c = weights.config
+    return {
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "n_kv_heads": c.n_kv_heads,
+        "d_model": c.d_model,
+        "d_head": c.d_head,
+        "d_mlp": c.d_mlp,
+        "d_vocab": c.d_vocab,
+        "n_ctx": c.n_ctx,
+        "architecture": c.architecture,
+        "weights": weights.source,
+    }
 
-    torch.set_num_threads(args.torch_threads)
-    torch_device = args.torch_device
-    if torch_device == "auto":
-        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = args.machine or default_machine_name()
-    runner = Runner(args.repeats, args.reference_timeout, torch_device, not args.no_reference)
-    report: dict[str, Any] = {
+
+def _sources(args: argparse.Namespace) -> list[tuple[str, Callable[[], Weights]]]:
+    """``(label, build)`` of every shape and checkpoint to run, in order."""
+    shapes = [(shape, functools.partial(build_weights, shape, args.seed)) for shape in args.shapes]
+    paths = [(str(path), functools.partial(checkpoint_weights, path)) for path in args.checkpoint]
+    return [*shapes, *paths]
+
+
+def _report_header(args: argparse.Namespace, runner: Runner, name: str) -> dict[str, Any]:
+    """The report without results: machine, settings."""
+    return {
         "schema": SCHEMA,
         "machine": {
-            **machine_info(name, torch_device),
+            **machine_info(name, runner.device),
             "torch_matmul_flops": runner.flops,
             "torch_fill_bytes_per_s": runner.bandwidth,
         },
@@ -212,36 +242,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shapes": {},
         "results": [],
     }
+
+
+def _run_weights(
+    weights: Weights, ops: list[Op], runner: Runner, args: argparse.Namespace
+) -> list[dict]:
+    """Run ``ops`` on one set of weights; one record per op."""
+    import torch
+
+    model = weights.lowrank_model()
+    tokens = _tokens(weights.config, args.batch, args.seq, args.seed)
+    torch_side = TorchSide(weights, runner.device, torch.from_numpy(tokens).long())
+    jax_tokens = jax.device_put(tokens)
+    records = []
+    for op in ops:
+        start = time.perf_counter()
+        record = runner.run_op(op, weights.name, model, jax_tokens, torch_side)
+        records.append(record)
+        elapsed = time.perf_counter() - start
+        print(f"[{weights.name}] {summary_line(record)}  ({elapsed:.0f} s)")
+    return records
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the selected ops on the selected shapes and checkpoints and return the report."""
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    torch_device = args.torch_device
+    if torch_device == "auto":
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = args.machine or default_machine_name()
+    runner = Runner(args.repeats, args.reference_timeout, torch_device, not args.no_reference)
+    report = _report_header(args, runner, name)
     ops = [OPS_BY_NAME[o] for o in args.ops]
-    for shape in args.shapes:
+    for label, build in _sources(args):
         try:
-            weights = build_weights(shape, args.seed)
+            weights = build()
         except Unavailable as err:
-            print(f"[{shape}] unavailable: {err}", file=sys.stderr)
-            report["shapes"][shape] = {"unavailable": str(err)}
+            print(f"[{label}] unavailable: {err}", file=sys.stderr)
+            report["shapes"][label] = {"unavailable": str(err)}
             continue
-        c = weights.config
-        report["shapes"][shape] = {
-            "n_layers": c.n_layers,
-            "n_heads": c.n_heads,
-            "d_model": c.d_model,
-            "d_head": c.d_head,
-            "d_mlp": c.d_mlp,
-            "d_vocab": c.d_vocab,
-            "n_ctx": c.n_ctx,
-            "architecture": c.architecture,
-            "weights": weights.source,
-        }
-        model = weights.lowrank_model()
-        tokens = _tokens(c, args.batch, args.seq, args.seed)
-        torch_side = TorchSide(weights, torch_device, torch.from_numpy(tokens).long())
-        jax_tokens = jax.device_put(tokens)
-        for op in ops:
-            start = time.perf_counter()
-            record = runner.run_op(op, shape, model, jax_tokens, torch_side)
-            report["results"].append(record)
-            print(f"[{shape}] {summary_line(record)}  ({time.perf_counter() - start:.0f} s)")
-        del model, torch_side, weights
+        report["shapes"][weights.name] = _shape_info(weights)
+        report["results"] += _run_weights(weights, ops, runner, args)
+        del weights
     return report
 
 
@@ -372,8 +416,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shapes",
         type=_list(SHAPE_NAMES),
-        default=["gpt2-small"],
-        help=f"comma-separated, or 'all' (default gpt2-small): {', '.join(SHAPE_NAMES)}",
+        help="comma-separated, or 'all' (default gpt2-small, none with --checkpoint): "
+        f"{', '.join(SHAPE_NAMES)}",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a local HF checkpoint directory, loaded and processed as TL's from_pretrained "
+        "(repeatable)",
     )
     p.add_argument(
         "--ops",
@@ -428,6 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.repeats < 1:
         parser().error("--repeats must be at least 1")
+    if args.shapes is None:
+        args.shapes = [] if args.checkpoint else ["gpt2-small"]
+    for path in args.checkpoint:
+        try:
+            check_checkpoint(path)
+        except (OSError, CheckpointError) as err:
+            parser().error(f"--checkpoint: {err}")
     report = run(args)
     json_path, md_path = write(report, args.out_dir, args.merge)
     print(f"wrote {json_path} and {md_path}")

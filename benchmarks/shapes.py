@@ -1,15 +1,14 @@
-"""Model shapes, one set of random weights per shape, and the TransformerLens twin of a model.
+"""Model shapes and their weights: random ones per shape, the embedded model, a checkpoint.
 
 A :class:`Weights` holds a canonical parameter tree in NumPy (float32, layers stacked, the
 layout documented in :mod:`lowrank.models`). The lowrank model and the TransformerLens
-tensors are both made from those same arrays.
+tensors (:mod:`benchmarks.mirror`) are both made from those same arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,35 +16,19 @@ import jax
 import numpy as np
 
 import lowrank
-from lowrank.models import ModelConfig, TransformerModel, init_params
+from benchmarks.helpers import flatten, gpt2_config
+from lowrank.models import ModelConfig, TransformerModel, init_params, load_pretrained, read_config
 
 EMBEDDED = "embedded"
 WEIGHT_SCALE = 0.02  # std of the random weights, like GPT-2's initialiser and trained weights
 
 
-def _gpt2(n_layers: int, n_heads: int, d_model: int, **kw: Any) -> ModelConfig:
-    return ModelConfig(
-        architecture="GPT2LMHeadModel",
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        d_mlp=4 * d_model,
-        d_vocab=kw.pop("d_vocab", 50257),
-        n_ctx=kw.pop("n_ctx", 1024),
-        **kw,
-    )
-
-
 def _gpt_neo(n_layers: int, n_heads: int, d_model: int) -> ModelConfig:
-    return ModelConfig(
+    return gpt2_config(
+        n_layers,
+        n_heads,
+        d_model,
         architecture="GPTNeoForCausalLM",
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        d_mlp=4 * d_model,
-        d_vocab=50257,
         n_ctx=2048,
         attn_types=("global", "local") * (n_layers // 2),
         window_size=256,
@@ -55,10 +38,10 @@ def _gpt_neo(n_layers: int, n_heads: int, d_model: int) -> ModelConfig:
 
 #: Shapes of published models (their config.json), plus ``tiny`` for tests.
 SHAPES: dict[str, ModelConfig] = {
-    "tiny": _gpt2(2, 4, 64, d_vocab=500, n_ctx=128),
-    "gpt2-small": _gpt2(12, 12, 768),
-    "gpt2-medium": _gpt2(24, 16, 1024),
-    "gpt2-xl": _gpt2(48, 25, 1600),
+    "tiny": gpt2_config(2, 4, 64, d_vocab=500, n_ctx=128),
+    "gpt2-small": gpt2_config(12, 12, 768),
+    "gpt2-medium": gpt2_config(24, 16, 1024),
+    "gpt2-xl": gpt2_config(48, 25, 1600),
     "gpt-neo-125M": _gpt_neo(12, 12, 768),
 }
 SHAPE_NAMES = (*SHAPES, EMBEDDED)
@@ -79,10 +62,7 @@ class Weights:
 
     def flat(self) -> dict[str, np.ndarray]:
         """``{"blocks.attn.W_Q": array, ...}``."""
-        return {
-            ".".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(self.params)
-        }
+        return flatten(self.params)
 
     def lowrank_model(self) -> TransformerModel:
         """A lowrank ``TransformerModel`` with these weights, on the default device."""
@@ -126,7 +106,7 @@ def embedded_weights() -> Weights:
                 f"{data / name}/config.json"
             )
         model = load(found[0])
-    tree = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), model.params)
+    tree = jax.tree_util.tree_map(lambda x: np.array(x, dtype=np.float32), model.params)
     return Weights(EMBEDDED, model.config, tree, "lowrank.load_pretrained() (embedded model)")
 
 
@@ -139,61 +119,35 @@ def build_weights(name: str, seed: int = 0) -> Weights:
     return random_weights(name, SHAPES[name], seed)
 
 
-# ------------------------------------------------------------------ TransformerLens side
-def tl_config(config: ModelConfig, *, ln_folded: bool, device: str) -> Any:
-    """A ``HookedTransformerConfig`` for the same architecture (as TL derives it from HF)."""
-    from transformer_lens import HookedTransformerConfig
-
-    local = config.attn_types is not None and "local" in config.attn_types
-    extra: dict[str, Any] = {}
-    if local:
-        extra = dict(attn_types=list(config.attn_types or ()), window_size=config.window_size)
-    return HookedTransformerConfig(
-        d_model=config.d_model,
-        d_head=config.d_head,
-        n_heads=config.n_heads,
-        d_mlp=config.d_mlp,
-        n_layers=config.n_layers,
-        n_ctx=config.n_ctx,
-        d_vocab=config.d_vocab,
-        eps=config.eps,
-        act_fn=config.act_fn,
-        use_attn_scale=config.use_attn_scale,
-        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
-        use_local_attn=local,
-        normalization_type="LNPre" if ln_folded else "LN",
-        original_architecture=config.architecture,
-        init_weights=False,
-        default_prepend_bos=False,
-        device=device,
-        **extra,
-    )
+def checkpoint_label(path: Path, config: ModelConfig) -> str:
+    """The results' shape name of a checkpoint: ``"<folder> (<architecture>)"``."""
+    return f"{path.expanduser().resolve().name} ({config.architecture})"
 
 
-def tl_state_dict(weights: Weights) -> dict[str, np.ndarray]:
-    """The canonical tree unstacked per layer: ``blocks.{l}.attn.W_Q`` etc."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in weights.flat().items():
-        if key.startswith("blocks."):
-            rest = key[len("blocks.") :]
-            out.update({f"blocks.{i}.{rest}": value[i] for i in range(weights.config.n_layers)})
-        else:
-            out[key] = value
-    return out
+def check_checkpoint(path: Path) -> ModelConfig:
+    """The config of the HF checkpoint directory ``path``.
+
+    Raises:
+        NotADirectoryError: ``path`` is not a directory.
+        lowrank.models.CheckpointError: no readable ``config.json``, or an architecture
+            lowrank does not load.
+    """
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"{str(path)!r} is not a directory (expected a Hugging Face checkpoint folder: "
+            "config.json + safetensors)"
+        )
+    return read_config(path)
 
 
-def hooked_transformer(weights: Weights, device: str) -> Any:
-    """A ``HookedTransformer`` holding a copy of ``weights`` (no weight processing)."""
-    import torch
-    from transformer_lens import HookedTransformer
+def checkpoint_weights(path: Path) -> Weights:
+    """The weights of a local HF checkpoint, processed as TransformerLens's ``from_pretrained``.
 
-    ln_folded = "ln1" not in weights.params["blocks"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(tl_config(weights.config, ln_folded=ln_folded, device=device))
-    state = {k: torch.from_numpy(v) for k, v in tl_state_dict(weights).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
-    if missing or unexpected:
-        raise RuntimeError(f"TL state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    ``lowrank.models.load_pretrained`` with its defaults (LayerNorm / RMSNorm folded, writing
+    weights and unembedding centred where TL centres them, value biases folded), as float32.
+    """
+    config = check_checkpoint(path)
+    model = load_pretrained(path, tokenizer=False, config=config)
+    tree = jax.tree_util.tree_map(lambda x: np.array(x, dtype=np.float32), model.params)
+    source = f"checkpoint {path}, processed as TransformerLens's from_pretrained"
+    return Weights(checkpoint_label(path, config), model.config, tree, source)

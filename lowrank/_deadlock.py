@@ -3,7 +3,8 @@
 jaxlib's CPU LAPACK kernels (qr, svd, eig, eigh, cholesky, triangular solves) split a batch over
 XLA's intra-op thread pool and block on it. Two such calls running at once on a 2-core machine,
 or one on each device of a multi-device CPU mesh, can hold every pool thread: a deadlock. Two
-remedies, both switched by :data:`DEADLOCK_PRONE`:
+remedies, both switched by :data:`DEADLOCK_PRONE` (true for the jaxlib versions that have the
+fault, :func:`deadlock_prone`):
 
 * :class:`Serial` chains the decompositions of one program through data dependencies, so that
   XLA cannot run two of them at once;
@@ -16,17 +17,40 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
+import jaxlib
 
 Array = jax.Array
 R = TypeVar("R")
 
-DEADLOCK_PRONE = True
+#: The first jaxlib release without the fault: 0.12.0.1's CPU LAPACK kernels no longer split a
+#: batch over the intra-op pool (the repro in shared/repro finishes), 0.10.2's hang. 0.11 was
+#: not checked, so it counts as prone.
+FIXED_IN = (0, 12)
+
+
+def deadlock_prone(jaxlib_version: str) -> bool:
+    """Whether a jaxlib of this version has the CPU LAPACK deadlock.
+
+    Every release before :data:`FIXED_IN` has it; versions read as ``"0.10.2"``, ``"0.12.0.1"``
+    or ``"0.12.1.dev20261101"``.
+
+    Raises:
+        ValueError: the version does not start with two numbers.
+    """
+    match = re.match(r"(\d+)\.(\d+)", jaxlib_version)
+    if match is None:
+        raise ValueError(f"deadlock_prone: cannot read a jaxlib version from {jaxlib_version!r}")
+    return (int(match[1]), int(match[2])) < FIXED_IN
+
+
+DEADLOCK_PRONE = deadlock_prone(jaxlib.__version__)
 """Whether this jaxlib's CPU LAPACK kernels can deadlock (the one switch of this module)."""
 
 # Primitives that lower to LAPACK (or cuSOLVER) kernels; every operand has the same batch axes.

@@ -33,6 +33,28 @@ def upcast(x: Any) -> Any:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def pow2(e: Array, dtype: Any) -> Array:
+    """Exactly ``2.0**e`` for integer ``e`` in the normal exponent range of ``dtype``."""
+    info = jnp.finfo(dtype)
+    bits = (e + (info.maxexp - 1)).astype(f"int{info.bits}") << info.nmant
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def unit_scale(x: Array) -> tuple[Array, Array]:
+    """Scale each matrix ``[..., l, r]`` by a power of two: ``(x * 2**-e, e)``.
+
+    ``e`` is chosen (without gradient) so that the largest entry lies in ``[0.5, 1)``: exact,
+    and ``e = 0`` for zero or non-finite matrices. ``e`` is clipped to the normal exponent
+    range (``2**-e`` must be a normal number): the largest entry of a matrix near the top of
+    the range ends up in ``[0.5, 4)``, one of subnormal entries only below ``0.5``.
+    """
+    info = jnp.finfo(x.dtype)
+    amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=(-2, -1)))
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(amax), amax, 0))
+    e = jnp.clip(e, info.minexp, info.maxexp - 2)
+    return x * pow2(-e, x.dtype)[..., None, None], e
+
+
 def check_real_float(x: Any, where: str, what: str, hint: str = "") -> None:
     """Raise ``TypeError`` unless ``x`` has a real floating-point dtype.
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowrank._util import HIGHEST, check_real_float, upcast
+from lowrank._util import HIGHEST, check_real_float, pow2, unit_scale, upcast
 
 Array = jax.Array
 
@@ -105,19 +105,16 @@ def _complex_dtype(dtype: Any) -> Any:
 
 
 def _prepare(a: Array) -> tuple[Array, Array, Array]:
-    """Zero out non-finite matrices and scale each by a power of two to max-abs in [0.5, 1).
+    """Zero out non-finite matrices and scale each to max-abs in ``[0.5, 1)``.
 
-    Returns the scaled batch, the scale factors ``[B]`` and the finiteness mask ``[B]``.
+    The scaling is :func:`~lowrank._util.unit_scale` (by powers of two, so exact).
+
+    Returns:
+        The scaled batch, the scale factors ``[B]`` and the finiteness mask ``[B]``.
     """
     finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
-    a = jnp.where(finite[:, None, None], a, 0)
-    amax = jnp.max(jnp.abs(a), axis=(-2, -1))
-    _, exponent = jnp.frexp(jnp.where(amax > 0, amax, 1))
-    # 2**128 is inf in float32 and XLA flushes 1 / 2**127 to zero: near the top of the range,
-    # max-abs ends up in [0.5, 4) instead.
-    exponent = jnp.minimum(exponent, jnp.finfo(a.dtype).maxexp - 2)
-    scale = jnp.ldexp(jnp.ones_like(amax), exponent)
-    return a / scale[:, None, None], scale, finite
+    a, exponent = unit_scale(jnp.where(finite[:, None, None], a, 0))
+    return a, pow2(exponent, a.dtype), finite
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank._util import check_real_float
+from lowrank._util import check_real_float, mT
 
 Array = jax.Array
 
@@ -243,14 +243,14 @@ class FactoredMatrix:
         return svd(self)
 
     @property
-    def U(self) -> Array:
-        """Left singular vectors as columns: ``[..., l, k]``."""
-        return self.svd()[0]
-
-    @property
     def S(self) -> Array:
         """Singular values ``[..., k]`` in descending order."""
         return svdvals(self)
+
+    @property
+    def U(self) -> Array:
+        """Left singular vectors as columns: ``[..., l, k]``."""
+        return self.svd()[0]
 
     @property
     def Vh(self) -> Array:
@@ -260,7 +260,7 @@ class FactoredMatrix:
     @property
     def V(self) -> Array:
         """Right singular vectors as columns, ``[..., r, k]`` (TransformerLens's ``V``)."""
-        return jnp.swapaxes(self.svd()[2], -1, -2)
+        return mT(self.Vh)
 
     @property
     def eigenvalues(self) -> Array:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lowrank import eigensolver
 from lowrank._deadlock import Serial
-from lowrank._util import HIGHEST, check_real_float, mm, mT, upcast
+from lowrank._util import HIGHEST, check_real_float, mm, mT, pow2, unit_scale, upcast
 from lowrank.factored import FactoredMatrix, eig, eigvals, norm, svd, svdvals, trace
 
 Array = jax.Array
@@ -26,34 +26,14 @@ R = TypeVar("R")
 __all__ = ["eig", "eigvals", "low_rank_approx", "norm", "svd", "svdvals", "trace"]
 
 
-def _pow2(e: Array, dtype: Any) -> Array:
-    """Exactly ``2.0**e`` for integer ``e`` in the normal exponent range of ``dtype``."""
-    info = jnp.finfo(dtype)
-    bits = (e + (info.maxexp - 1)).astype(f"int{info.bits}") << info.nmant
-    return jax.lax.bitcast_convert_type(bits, dtype)
-
-
-def _unit_scale(x: Array) -> tuple[Array, Array]:
-    """Scale each matrix by a power of two: ``(x * 2**-e, e)``.
-
-    ``e`` is chosen (without gradient) so that the largest entry lies in ``[0.5, 1)``: exact,
-    and ``e = 0`` for zero or non-finite matrices.
-    """
-    info = jnp.finfo(x.dtype)
-    amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=(-2, -1)))
-    _, e = jnp.frexp(jnp.where(jnp.isfinite(amax), amax, 0))
-    e = jnp.clip(e, info.minexp, info.maxexp - 2)
-    return x * _pow2(-e, x.dtype)[..., None, None], e
-
-
 def _scale_back(y: Array, e: Array) -> Array:
-    """``y * 2**e`` (real or complex), undoing :func:`_unit_scale`.
+    """``y * 2**e`` (real or complex), undoing :func:`~lowrank._util.unit_scale`.
 
     Done in two exact steps, so ``|e|`` may reach twice the exponent range without an
     intermediate overflow or underflow.
     """
     real = jnp.finfo(y.dtype).dtype
-    a, b = _pow2(e // 2, real), _pow2(e - e // 2, real)
+    a, b = pow2(e // 2, real), pow2(e - e // 2, real)
     if jnp.iscomplexobj(y):
         return jax.lax.complex(y.real * a * b, y.imag * a * b)
     return y * a * b
@@ -298,7 +278,7 @@ def _eigvals(x: Array) -> Array:
     def lapack(x: Array) -> Array:
         # jaxlib's geev returns wrongly scaled float32 eigenvalues for matrices of norm above
         # ~5e11 or below ~1e-12: give it max-abs ~1. (The pure-JAX solver scales by itself.)
-        x, e = _unit_scale(x)
+        x, e = unit_scale(x)
         return _scale_back(jnp.linalg.eigvals(x), e[..., None])
 
     def pure_jax(x: Array) -> Array:
@@ -311,7 +291,7 @@ def _eig(x: Array) -> tuple[Array, Array]:
     """Eigenvalues and unit right eigenvectors; backends (and scaling) as in :func:`_eigvals`."""
 
     def lapack(x: Array) -> tuple[Array, Array]:
-        x, e = _unit_scale(x)
+        x, e = unit_scale(x)
         w, v = jnp.linalg.eig(x)
         return _scale_back(w, e[..., None]), v
 
@@ -373,7 +353,7 @@ def _dense_norm_and_grad(x: Array) -> tuple[Array, Array]:
     Both are computed on ``x`` scaled by a power of two: squares of entries beyond ~1e19 or
     below ~1e-19 would over/underflow.
     """
-    u, e = _unit_scale(x)
+    u, e = unit_scale(x)
     unit_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=(-2, -1)))
     return _scale_back(unit_norm, e), u * _inverse_or_zero(unit_norm)[..., None, None]
 
@@ -400,7 +380,7 @@ def _factored_norm_and_grads(A: Array, B: Array) -> tuple[Array, Callable[[], tu
     Uses ``||AB||_F^2 = sum((A^T A) * (B B^T))`` (two ``m x m`` Gram matrices) unless
     multiplying out is cheaper (``m`` larger than ``l`` or ``r``).
     """
-    (A, ea), (B, eb) = _unit_scale(A), _unit_scale(B)
+    (A, ea), (B, eb) = unit_scale(A), unit_scale(B)
     l, m = A.shape[-2:]
     r = B.shape[-1]
     use_gram = m * m * (l + r) <= l * m * r

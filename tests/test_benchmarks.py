@@ -1,17 +1,23 @@
-"""The benchmark runner (``python -m benchmarks.run``) on the smallest model: schema, agreement.
+"""The benchmark runner (``python -m benchmarks.run``) on the smallest model and on a small
+random Llama checkpoint (``--checkpoint``): schema, agreement, bad input.
 
 No timing thresholds: only that every op ran on both sides, took a positive time and that
 lowrank and TransformerLens agree.
 """
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import run
-from benchmarks.ops import OPS, eig_error, rel_error, svd_error
-from benchmarks.shapes import Unavailable, embedded_weights
+from benchmarks.helpers import stack_layers, unstack_layers
+from benchmarks.mirror import Unmirrorable, tl_config
+from benchmarks.ops import OPS, eig_error, logprob_error, rel_error, svd_error
+from benchmarks.shapes import Unavailable, build_weights, embedded_weights
+from lowrank.models import read_config
 
 # lowrank and TL compute the same float32 quantities by different algorithms (Cholesky QR vs
 # SVDs of the factors, other summation orders); their results differ by ~1e-7 to 1e-5 relative
@@ -29,29 +35,37 @@ def _smallest_shape() -> str:
     return "embedded"
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _run(out, *argv: str) -> dict:
+    """``run.main(argv)`` writing ``out/test.json``; its report (torch's threads restored)."""
     import torch
 
-    out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
-    argv = ["--shapes", _smallest_shape(), "--repeats", "1", "--seq", "32"]
     try:
-        assert run.main([*argv, "--out-dir", str(out), "--machine", "test"]) == 0
+        assert run.main([*argv, "--repeats", "1", "--out-dir", str(out), "--machine", "test"]) == 0
     finally:
         torch.set_num_threads(threads)
+    return json.loads((out / "test.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    _run(out, "--shapes", _smallest_shape(), "--seq", "32")
     return out
 
 
-def test_json_schema_and_agreement(results):
-    report = json.loads((results / "test.json").read_text())
-    assert report["schema"] == run.SCHEMA
-    machine = report["machine"]
-    for key in ("platform", "device_kind", "cpu_count", "jax", "jaxlib", "torch", "date"):
-        assert machine[key], key
-    assert machine["transformer_lens"] and machine["torch_threads"] >= 1
-    assert report["settings"]["repeats"] == 1
-    assert report["settings"]["tolerance"] == TOLERANCE
+@pytest.fixture(scope="module")
+def llama(rotary_checkpoint, tmp_path_factory):
+    """The checkpoint of a random Llama (4 query heads sharing 2 key/value heads, llama3
+    rotary scaling, RMSNorm, SwiGLU) and the report of every op on it.
+    """
+    ckpt = rotary_checkpoint("llama")
+    out = tmp_path_factory.mktemp("bench_llama")
+    return ckpt, _run(out, "--checkpoint", str(ckpt.path), "--seq", "16")
+
+
+def _assert_all_agree(report: dict) -> None:
+    """Every op ran on both sides, took a positive time, and lowrank and TL agree."""
     records = {r["op"]: r for r in report["results"]}
     assert sorted(records) == sorted(op.name for op in OPS)
     for name, r in records.items():
@@ -63,6 +77,107 @@ def test_json_schema_and_agreement(results):
         assert lr["xla_memory"] is None or lr["xla_memory"]["total"] > 0
         assert r["speedup"] == pytest.approx(tl["median_s"] / lr["median_s"])
         assert 0 <= r["max_rel_error"] <= TOLERANCE and r["agree"] is True, (name, r)
+
+
+def test_json_schema_and_agreement(results):
+    report = json.loads((results / "test.json").read_text())
+    assert report["schema"] == run.SCHEMA
+    machine = report["machine"]
+    for key in ("platform", "device_kind", "cpu_count", "jax", "jaxlib", "torch", "date"):
+        assert machine[key], key
+    assert machine["transformer_lens"] and machine["torch_threads"] >= 1
+    assert report["settings"]["repeats"] == 1
+    assert report["settings"]["tolerance"] == TOLERANCE
+    _assert_all_agree(report)
+
+
+def _keys(report: dict) -> tuple:
+    """The key sets of a report's parts: top level, settings, shape entries, record parts."""
+    records = report["results"]
+    return (
+        set(report),
+        set(report["settings"]),
+        {frozenset(info) for info in report["shapes"].values()},
+        {frozenset(r) for r in records},
+        {frozenset(r["lowrank"]) for r in records},
+        {frozenset(r["reference"]) for r in records},
+    )
+
+
+def test_checkpoint_agrees_with_transformer_lens(llama, results):
+    """A grouped-query rotary checkpoint: every op agrees, the report has the usual schema."""
+    ckpt, report = llama
+    label = f"{ckpt.path.name} (LlamaForCausalLM)"
+    assert list(report["shapes"]) == [label]  # --checkpoint alone runs no named shape
+    shape = report["shapes"][label]
+    assert (shape["n_layers"], shape["n_heads"], shape["n_kv_heads"]) == (3, 4, 2)
+    assert shape["architecture"] == "LlamaForCausalLM" and str(ckpt.path) in shape["weights"]
+    assert {r["shape"] for r in report["results"]} == {label}
+    _assert_all_agree(report)
+    assert _keys(report) == _keys(json.loads((results / "test.json").read_text()))
+
+
+def test_checkpoint_markdown_names_it(llama):
+    ckpt, report = llama
+    rows = [line for line in run.markdown(report).splitlines() if ckpt.path.name in line]
+    assert len(rows) == len(OPS) and all("ok (" in row for row in rows)
+
+
+@pytest.fixture(scope="module")
+def mistral_linear(rotary_checkpoint):
+    """A Mistral checkpoint (every layer slides) with linear rotary scaling, which TL applies to
+    global layers only: its forward pass cannot be mirrored.
+    """
+    return rotary_checkpoint("mistral", rope_scaling=dict(rope_type="linear", factor=2.0))
+
+
+def test_unmirrorable_op_is_noted(mistral_linear, tmp_path):
+    """The forward record says why TL was not run; the weight-only ops still agree."""
+    report = _run(tmp_path, "--checkpoint", str(mistral_linear.path), "--ops", "ov_norm,forward")
+    records = {r["op"]: r for r in report["results"]}
+    forward = records["forward"]
+    assert forward["reference"] == {"skipped": "TransformerLens cannot mirror the model"}
+    assert "max_rel_error" not in forward and forward["lowrank"]["median_s"] > 0
+    assert any("linear rotary scaling" in note for note in forward["notes"]), forward
+    assert records["ov_norm"]["agree"] is True
+
+
+def test_tl_config_refuses_what_it_cannot_mirror(mistral_linear):
+    config = read_config(mistral_linear.path)
+    with pytest.raises(Unmirrorable, match="cannot mirror this MistralForCausalLM model: it "):
+        tl_config(config, ln_folded=True, device="cpu")
+    cfg = tl_config(dataclasses.replace(config, attn_types=None), ln_folded=True, device="cpu")
+    assert cfg.rotary_scaling_factor == 2.0 and cfg.n_key_value_heads == 2
+    assert cfg.normalization_type == "RMSPre" and cfg.positional_embedding_type == "rotary"
+
+
+def _bad_checkpoint(kind: str, directory: Path) -> Path:
+    """A ``--checkpoint`` argument of the given kind of bad input, made in ``directory``."""
+    if kind == "file":
+        (directory / "file").write_text("{}")
+        return directory / "file"
+    if kind == "bert":
+        (directory / "config.json").write_text('{"architectures": ["BertModel"]}')
+    return directory / "missing" if kind == "missing" else directory
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("file", "is not a directory"),
+        ("missing", "is not a directory"),
+        ("no-config", "a checkpoint needs its config.json"),
+        ("bert", "unsupported architecture 'BertModel'"),
+    ],
+)
+def test_bad_checkpoint_is_refused(tmp_path, capsys, kind, message):
+    path = _bad_checkpoint(kind, tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint: " in err and message in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_markdown_table(results):
@@ -90,3 +205,20 @@ def test_comparisons_catch_wrong_results():
     assert svd_error((U * flip, S, Vh * flip[:, None]), (U, S, V)) < 1e-6  # sign choice
     assert svd_error((U[..., ::-1], S, Vh), (U, S, V)) > TOLERANCE  # mis-paired vectors
     assert rel_error(S, S) == 0 and rel_error(S * 1.01, S) > TOLERANCE
+    logits = rng.standard_normal((2, 5, 7))
+    assert logprob_error(logits + 3.0, logits) < 1e-12  # a shift per position is no change
+    assert logprob_error(logits * 1.01, logits) > TOLERANCE
+
+
+def test_layer_layouts_round_trip():
+    """TL's per-layer state dict and lowrank's stacked tree hold the same arrays."""
+    weights = build_weights("tiny")
+    flat = weights.flat()
+    per_layer = unstack_layers(flat, weights.config.n_layers)
+    assert "blocks.attn.W_Q" not in per_layer
+    np.testing.assert_array_equal(per_layer["blocks.1.attn.W_Q"], flat["blocks.attn.W_Q"][1])
+    np.testing.assert_array_equal(per_layer["embed.W_E"], flat["embed.W_E"])
+    stacked = stack_layers(per_layer, weights.config.n_layers)
+    assert list(stacked) == list(flat)
+    for key, value in flat.items():
+        np.testing.assert_array_equal(stacked[key], value, err_msg=key)

@@ -13,20 +13,12 @@ import pytest
 from jax import export
 
 import lowrank
+from benchmarks.helpers import gpt2_config
 from lowrank import circuits
 from lowrank.factored import FactoredMatrix
 from lowrank.models import ModelConfig, TransformerModel, init_params
 
-GPT2 = ModelConfig(
-    architecture="GPT2LMHeadModel",
-    n_layers=2,
-    n_heads=4,
-    d_model=32,
-    d_head=8,
-    d_mlp=64,
-    d_vocab=50,
-    n_ctx=16,
-)
+GPT2 = gpt2_config(2, 4, 32, d_mlp=64, d_vocab=50, n_ctx=16)
 GPT_NEO = dataclasses.replace(
     GPT2,
     architecture="GPTNeoForCausalLM",

@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmarks and the tests: GPT-2 configs, tree layouts, TL configs.
+
+The one home of what both sides need to build a model and its TransformerLens (TL) twin. The
+tests import it as ``benchmarks.helpers`` (pytest puts the repository root on ``sys.path``);
+it imports neither lowrank, torch nor TransformerLens at module level.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lowrank.models import ModelConfig
+
+
+def gpt2_config(n_layers: int, n_heads: int, d_model: int, **overrides: Any) -> ModelConfig:
+    """A GPT-2 ``ModelConfig`` with GPT-2's ratios, vocabulary and context.
+
+    ``d_head = d_model / n_heads``, ``d_mlp = 4 d_model``, 50257 tokens, 1024 positions,
+    unless ``overrides`` (any ``ModelConfig`` fields) say otherwise.
+    """
+    from lowrank.models import ModelConfig
+
+    fields: dict[str, Any] = dict(
+        architecture="GPT2LMHeadModel",
+        d_head=d_model // n_heads,
+        d_mlp=4 * d_model,
+        d_vocab=50257,
+        n_ctx=1024,
+    )
+    fields.update(overrides)
+    return ModelConfig(n_layers=n_layers, n_heads=n_heads, d_model=d_model, **fields)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"blocks.attn.W_Q": leaf, ...}``, in the dicts' order."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def unstack_layers(flat: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Split the stacked ``blocks.x [L, ...]`` into TL's per-layer ``blocks.{l}.x``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key.startswith("blocks."):
+            rest = key[len("blocks.") :]
+            out.update({f"blocks.{i}.{rest}": value[i] for i in range(n_layers)})
+        else:
+            out[key] = value
+    return out
+
+
+def stack_layers(state: dict[str, Any], n_layers: int) -> dict[str, np.ndarray]:
+    """Stack TL's per-layer ``blocks.{l}.x`` into ``blocks.x [L, ...]``; other keys stay."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if not key.startswith("blocks."):
+            out[key] = value
+        elif key.startswith("blocks.0."):
+            rest = key[len("blocks.0.") :]
+            out["blocks." + rest] = np.stack([state[f"blocks.{i}.{rest}"] for i in range(n_layers)])
+    return out
+
+
+def hooked_config(fields: dict[str, Any], device: str = "cpu") -> Any:
+    """A TL ``HookedTransformerConfig`` of ``fields`` on ``device``, prepending no BOS token."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(**fields, device=device, default_prepend_bos=False)
