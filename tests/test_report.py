@@ -17,6 +17,7 @@ import pytest
 from _reference import assert_rel_close
 
 from lowrank import circuits, interpret, report
+from lowrank.cli import main
 from lowrank.models import load_pretrained
 
 
@@ -167,12 +168,15 @@ def test_page_renders_in_headless_chromium(written, tmp_path):
 
 
 def test_rotary_models_report_without_w_pos(rotary_checkpoint, tmp_path):
-    """A Llama-style model (rotary, grouped K/V) has no W_pos: no positional figures or section,
-    null w_pos and positional_qk in a schema-valid report.json; the rest as for learned ones.
+    """``python -m lowrank report DIR`` of a Llama-style model (rotary, grouped K/V).
+
+    No W_pos: no positional figures or section, null w_pos and positional_qk in a schema-valid
+    report.json; the rest as for learned positions.
     """
-    model = load_pretrained(rotary_checkpoint("llama").path)
-    results = report.analyse(model, name="llama", top_heads=2)
-    data = report.write_files(results, tmp_path)
+    path = rotary_checkpoint("llama").path
+    assert main(["report", str(path), "--top-heads", "2", "--quiet", "--out", str(tmp_path)]) == 0
+    model = load_pretrained(path)
+    data = json.loads((tmp_path / "report.json").read_text())
     jsonschema.validate(data, json.loads(report.SCHEMA_PATH.read_text()))
     assert data["w_pos"] is None and data["positional_qk"] is None
     assert set(data["embedding_spectra"]) == {"W_E", "W_U"}
