@@ -118,7 +118,7 @@ def test_svd_directions_under_jit_and_vmap(gpt2_checkpoint):
     jitted = jax.jit(fn)(model)
     assert_rel_close(jitted.activations, eager.activations, rtol=1e-5)
     stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), model)
-    mapped = jax.vmap(fn)(stacked)
+    mapped = jax.jit(jax.vmap(fn))(stacked)  # jitted: vmap's batching rules, one compile
     assert_rel_close(mapped.singular_values[1], eager.singular_values, rtol=1e-5)
 
 
@@ -172,7 +172,7 @@ def test_row_top_k_and_top_entries(full_ov, chunk):
 def test_top_entries_under_jit_and_vmap(gpt2_checkpoint):
     M = circuits.full_ov_circuit(load_pretrained(gpt2_checkpoint.path))[0]  # [4, 101, 101]
     fn = functools.partial(top_entries, k=3, chunk=32)
-    batched = jax.vmap(fn)(M)
+    batched = jax.jit(jax.vmap(fn))(M)  # jitted: vmap's batching rules, one compile
     for head in range(4):
         for got, want in zip(batched, fn(M[head]), strict=True):
             np.testing.assert_allclose(got[head], want, rtol=1e-5)
