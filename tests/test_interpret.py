@@ -149,6 +149,18 @@ def test_embedding_spectra(gpt2_checkpoint):
     assert default["W_E + W_pos"].shape == (32,)
 
 
+def test_embedding_spectra_of_a_rotary_model(rotary_checkpoint):
+    """No W_pos: the spectra of W_E and W_U alone; asking for positions is an error."""
+    model = load_pretrained(rotary_checkpoint("llama").path)
+    spectra = jax.jit(embedding_spectra)(model)
+    assert set(spectra) == {"W_E", "W_U"}
+    for name, matrix in [("W_E", model.W_E), ("W_U", model.W_U)]:
+        expected = np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False)
+        assert_rel_close(spectra[name], expected, what=name)
+    with pytest.raises(ValueError, match="positions given, but the model's positions are rotary"):
+        embedding_spectra(model, positions=jnp.arange(3))
+
+
 # -------------------------------------------------------- token-by-token tops
 @pytest.fixture(scope="module")
 def full_ov(gpt2_checkpoint):
