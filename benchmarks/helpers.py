@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks and the tests: GPT-2 configs, tree layouts, TL configs.
+"""Helpers shared by the benchmarks and the tests: GPT-2 configs, tree layouts, TL versions.
 
 The one home of what both sides need to build a model and its TransformerLens (TL) twin. The
 tests import it as ``benchmarks.helpers`` (pytest puts the repository root on ``sys.path``);
@@ -7,6 +7,7 @@ it imports neither lowrank, torch nor TransformerLens at module level.
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,8 +71,23 @@ def stack_layers(state: dict[str, Any], n_layers: int) -> dict[str, np.ndarray]:
     return out
 
 
+def tl_major_version() -> int:
+    """The major version of the installed TransformerLens (3 for 3.9, 4 for 4.x).
+
+    Read from the distribution's metadata, without importing TransformerLens. Which TL model
+    the benchmarks compare against depends on it: see :mod:`benchmarks.tl_reference`.
+
+    Raises:
+        importlib.metadata.PackageNotFoundError: TransformerLens is not installed.
+    """
+    return int(metadata.version("transformer-lens").split(".")[0])
+
+
 def hooked_config(fields: dict[str, Any], device: str = "cpu") -> Any:
-    """A TL ``HookedTransformerConfig`` of ``fields`` on ``device``, prepending no BOS token."""
+    """A TL ``HookedTransformerConfig`` of ``fields`` on ``device``, prepending no BOS token.
+
+    TransformerLens 3.x only (4.x has no ``HookedTransformerConfig``).
+    """
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(**fields, device=device, default_prepend_bos=False)

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 import lowrank
-from benchmarks.mirror import hooked_transformer
 from benchmarks.shapes import Weights
+from benchmarks.tl_reference import reference_model
 from lowrank.models import ModelConfig
 
 F32 = 4  # bytes
@@ -52,9 +52,13 @@ class TorchSide:
         self.tokens = self.tokens.to(self.device)
 
     @functools.cached_property
-    def hooked(self) -> Any:
-        """A ``HookedTransformer`` with the same weights (built on first use: it copies them)."""
-        return hooked_transformer(self.weights, self.device)
+    def model(self) -> Any:
+        """TL's model of the same weights, built on first use (it copies them).
+
+        A ``HookedTransformer`` under TransformerLens 3.x, a ``TransformerBridge`` under 4.x
+        (see :mod:`benchmarks.tl_reference`).
+        """
+        return reference_model(self.weights, self.device)
 
     def OV(self) -> Any:
         """The OV circuits ``W_V @ W_O`` as a TransformerLens ``FactoredMatrix``."""
@@ -202,7 +206,7 @@ def _cost_forward(c: ModelConfig, tokens_shape: tuple[int, int]) -> tuple[float,
     params = L * (4 * d * d + 2 * d * m) + 2 * V * d + c.n_ctx * d
     activations = batch * seq * (2 * V + 8 * L * d + 2 * L * m) + 3 * batch * L * c.n_heads * seq**2
     flops = 2 * batch * seq * (L * (4 * d * d + 2 * d * m) + d * V) + 4 * batch * L * seq**2 * d
-    return (params + activations) * F32, flops  # the HookedTransformer copies the weights
+    return (params + activations) * F32, flops  # TL's model copies the weights
 
 
 # ----------------------------------------------------------------- TransformerLens recipes
@@ -276,11 +280,11 @@ OPS: tuple[Op, ...] = (
     Op(
         "forward",
         lambda m, tokens: lowrank.models.forward(m.params, tokens, m.config),
-        lambda t: t.hooked(t.tokens),
+        lambda t: t.model(t.tokens),
         logprob_error,
         _cost_forward,
         "log-softmax of the whole model's logits on a fixed batch of tokens",
-        setup=lambda t: t.hooked,
+        setup=lambda t: t.model,
     ),
 )
 OPS_BY_NAME = {op.name: op for op in OPS}

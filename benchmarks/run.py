@@ -38,6 +38,7 @@ from benchmarks.shapes import (
     check_checkpoint,
     checkpoint_weights,
 )
+from benchmarks.tl_reference import reference_kind
 from lowrank.models import CheckpointError
 
 SCHEMA = 1
@@ -95,6 +96,7 @@ def machine_info(name: str, torch_device: str) -> dict[str, Any]:
         "jaxlib": _version("jaxlib"),
         "torch": torch.__version__,
         "transformer_lens": _version("transformer-lens"),
+        "transformer_lens_forward": reference_kind(),
         "lowrank": lowrank.__version__,
         "torch_device": torch_device,
         "torch_threads": torch.get_num_threads(),
@@ -338,6 +340,12 @@ def summary_line(record: dict) -> str:
     return text + (f" [{'; '.join(notes)}]" if notes else "")
 
 
+def _forward_line(machine: dict) -> list[str]:
+    """The header's sentence on TL's forward model (absent from older results files)."""
+    kind = machine.get("transformer_lens_forward")
+    return ["", f"TL's `forward` runs a {kind}."] if kind else []
+
+
 def markdown(report: dict) -> str:
     """Render the report as a Markdown page."""
     m, s = report["machine"], report["settings"]
@@ -348,6 +356,7 @@ def markdown(report: dict) -> str:
         f"torch on {m['torch_device']} with {m['torch_threads']} threads; jax {m['jax']}, "
         f"jaxlib {m['jaxlib']}, torch {m['torch']}, transformer-lens {m['transformer_lens']}, "
         f"lowrank {m['lowrank']}; {m['date']}.",
+        *_forward_line(m),
         "",
         f"Median of {s['repeats']} calls after a warm-up call, the same random weights for both "
         f"libraries; forward pass on tokens {s['tokens'][0]} x {s['tokens'][1]}. Memory is the "

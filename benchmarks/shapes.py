@@ -59,6 +59,8 @@ class Weights:
     config: ModelConfig
     params: dict[str, Any]  # nested dicts of np.ndarray (float32)
     source: str  # "random N(0, 0.02^2), seed 0" or where the weights came from
+    #: The Hugging Face checkpoint folder the (processed) tree was loaded from, if any.
+    checkpoint: Path | None = None
 
     def flat(self) -> dict[str, np.ndarray]:
         """``{"blocks.attn.W_Q": array, ...}``."""
@@ -69,15 +71,35 @@ class Weights:
         return TransformerModel(params=jax.device_put(self.params), config=self.config)
 
 
+def unstored_leaves(config: ModelConfig) -> frozenset[str]:
+    """Dotted leaf paths that a Hugging Face checkpoint of ``config`` does not store.
+
+    lowrank reads them as zeros (GPT-2's unembedding bias ``unembed.b_U``, GPT-Neo's query,
+    key and value biases, ...).
+    """
+    from lowrank.models.loading import LAYOUTS
+
+    layout = LAYOUTS[config.family]
+    absent = [p for row in layout.tensors if not row.stored(config) for p in row.leaf_paths]
+    return frozenset([*layout.zeros, *absent])
+
+
 def random_weights(name: str, config: ModelConfig, seed: int = 0) -> Weights:
-    """Weights ~ N(0, 0.02^2), biases likewise, LayerNorm scales 1 + N(0, 0.02^2)."""
+    """Weights ~ N(0, 0.02^2), biases likewise, LayerNorm scales 1 + N(0, 0.02^2).
+
+    Leaves that the family's checkpoints do not store (:func:`unstored_leaves`) are zero, so
+    the tree is a Hugging Face model's (TransformerLens 4 runs it as one).
+    """
     key = jax.random.PRNGKey(0)
     shapes = jax.eval_shape(lambda: init_params(config, key))  # the library's own layout
     rng = np.random.default_rng(seed)
+    zeros = unstored_leaves(config)
 
     def fill(path: Any, spec: Any) -> np.ndarray:
         leaf = str(getattr(path[-1], "key", path[-1]))
         x = rng.standard_normal(spec.shape, dtype=np.float32)
+        if ".".join(str(getattr(p, "key", p)) for p in path) in zeros:
+            return np.zeros_like(x)
         x *= np.float32(WEIGHT_SCALE)
         is_ln_scale = leaf == "w" and any(str(getattr(p, "key", "")).startswith("ln") for p in path)
         return x + np.float32(1.0) if is_ln_scale else x
@@ -93,6 +115,7 @@ def embedded_weights() -> Weights:
     if params and params[0].default is not inspect.Parameter.empty:
         try:
             model = load()  # the no-argument form loads the embedded model
+            folder = _embedded_folder()
         except (lowrank.models.CheckpointError, OSError) as err:
             raise Unavailable(f"lowrank.load_pretrained() failed: {err}") from err
     else:
@@ -105,9 +128,18 @@ def embedded_weights() -> Weights:
                 "lowrank.load_pretrained() needs a name, and there is no "
                 f"{data / name}/config.json"
             )
-        model = load(found[0])
+        model, folder = load(found[0]), found[0]
     tree = jax.tree_util.tree_map(lambda x: np.array(x, dtype=np.float32), model.params)
-    return Weights(EMBEDDED, model.config, tree, "lowrank.load_pretrained() (embedded model)")
+    source = "lowrank.load_pretrained() (embedded model)"
+    return Weights(EMBEDDED, model.config, tree, source, folder)
+
+
+def _embedded_folder() -> Path | None:
+    """The embedded model's checkpoint folder, or ``None`` where lowrank does not say."""
+    try:
+        return Path(lowrank.models.embedded_model_path())
+    except (AttributeError, ValueError, OSError, lowrank.models.CheckpointError):
+        return None
 
 
 def build_weights(name: str, seed: int = 0) -> Weights:
@@ -150,4 +182,4 @@ def checkpoint_weights(path: Path) -> Weights:
     model = load_pretrained(path, tokenizer=False, config=config)
     tree = jax.tree_util.tree_map(lambda x: np.array(x, dtype=np.float32), model.params)
     source = f"checkpoint {path}, processed as TransformerLens's from_pretrained"
-    return Weights(checkpoint_label(path, config), model.config, tree, source)
+    return Weights(checkpoint_label(path, config), model.config, tree, source, path)

@@ -123,7 +123,10 @@ def one_matrix_per_call(fn: Callable[..., R]) -> Callable[..., R]:
     @looped.defjvp
     def _(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
         # Rules of custom_jvp functions inside fn (which decompose too) come in through jax.jvp.
-        return one_matrix_per_call(lambda p, t: jax.jvp(fn, p, t))(primals, tangents)
+        # The primal output comes from its own call: reverse mode (jax >= 0.12) needs it known
+        # apart from the tangents.
+        tangents_out = one_matrix_per_call(lambda p, t: jax.jvp(fn, p, t)[1])(primals, tangents)
+        return looped(*primals), tangents_out
 
     return functools.wraps(fn)(looped)
 

@@ -26,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank import linalg
-from lowrank._util import HIGHEST, mm, mT
+from lowrank._util import HIGHEST, mm, mT, upcast
 from lowrank.chain import cyclic_core
 from lowrank.factored import FactoredMatrix
+from lowrank.models.processing import is_layer_norm_folded
+from lowrank.models.transformer import rotary_frequencies
 
 Array = jax.Array
 CompositionKind = Literal["Q", "K", "V"]
@@ -47,6 +49,9 @@ __all__ = [
     "ov_eigenvalues",
     "positional_qk_circuit",
     "qk_circuit",
+    "relative_position_profile",
+    "rotary_positional_pattern",
+    "rotary_qk_circuit",
 ]
 
 
@@ -126,6 +131,8 @@ def ov_circuit(model: Any) -> FactoredMatrix:
 def qk_circuit(model: Any) -> FactoredMatrix:
     """``W_Q @ W_K^T`` per head: ``FactoredMatrix [L, H, d_model, d_model]``.
 
+    Ignores the rotary embedding of rotary models, as TransformerLens's ``model.QK`` does;
+    :func:`rotary_qk_circuit` is the rotary-aware circuit, one per relative offset.
     Grouped-query models: ``[L, n_kv_heads, group, d_model, d_model]`` (module docstring).
     """
     h = _heads(model)
@@ -154,6 +161,211 @@ def positional_qk_circuit(model: Any) -> FactoredMatrix:
     """``W_pos @ W_Q @ W_K^T @ W_pos^T``: position-by-position scores, ``[L, H, n_ctx, n_ctx]``."""
     h = _heads(model)
     return _circuit(mm(model.W_pos, h.Q), mT(mm(model.W_pos, h.K)))
+
+
+def _rotary_config(model: Any, where: str) -> Any:
+    """``model.config`` of a rotary model; ``ValueError`` for any other model."""
+    config = getattr(model, "config", None)
+    positional = getattr(config, "positional", None)
+    if positional == "rotary":
+        return config
+    if positional is None:
+        raise ValueError(
+            f"{where}: model has no config with positional='rotary' (a ModelConfig), so its "
+            "rotation is unknown; pass a rotary TransformerModel"
+        )
+    raise ValueError(
+        f"{where}: model has {positional} position embeddings, not rotary ones; for learned "
+        "positions (W_pos) use positional_qk_circuit"
+    )
+
+
+def _int_offsets(offsets: Any, where: str) -> Array:
+    """``offsets`` as an integer array; ``ValueError`` for any other dtype."""
+    dtype = getattr(offsets, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(offsets).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"{where}: offsets must be integers (query position minus key position), got "
+            f"dtype {dtype}"
+        )
+    return jnp.asarray(offsets)
+
+
+def _rotate_by(x: Array, offsets: Array, config: Any, *, trailing: int = 1) -> Array:
+    """``R(delta) x`` over the last axis, with the offsets' axes before the last ``trailing``.
+
+    ``x [..., *t, d_head] -> [..., *offsets.shape, *t, d_head]`` (``t``: ``trailing - 1``
+    axes). ``R(delta)`` rotates the first ``rotary_dim`` features as the forward pass rotates a
+    query at position ``delta`` (HF's ``rotate_half`` pairs ``i, i + rotary_dim / 2``, the
+    frequencies of :func:`~lowrank.models.transformer.rotary_frequencies`) and keeps the
+    rest. Since the forward pass rotates ``q`` by ``R(i)`` and ``k`` by ``R(j)``,
+    ``R(i) q . R(j) k = R(i - j) q . k``.
+    """
+    dtype = x.dtype
+    inv = jnp.asarray(rotary_frequencies(config), dtype=dtype)
+    half = inv.shape[0]
+    angles = offsets.astype(dtype)[..., None] * inv  # [*o, rotary_dim / 2]
+    angles = angles.reshape(*offsets.shape, *(1,) * (trailing - 1), half)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x = x.reshape(*x.shape[:-trailing], *(1,) * offsets.ndim, *x.shape[-trailing:])
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    out_shape = (*jnp.broadcast_shapes(x1.shape, cos.shape)[:-1], rest.shape[-1])
+    return jnp.concatenate(
+        [x1 * cos - x2 * sin, x2 * cos + x1 * sin, jnp.broadcast_to(rest, out_shape)], axis=-1
+    )
+
+
+def rotary_qk_circuit(model: Any, offsets: Any) -> FactoredMatrix:
+    """``W_Q R(delta) W_K^T`` per head and relative offset: ``[L, H, n_offsets, d_model, d_model]``.
+
+    The bilinear form of a rotary head between a query residual at position ``i`` and a key
+    residual at ``j = i - delta``: ``x_i W_Q R(delta) W_K^T x_j`` is the forward pass's score
+    before the divisor (and without biases). ``R(delta)`` is the model's own rotation (its
+    ``rotary_dim``, base and ``rope_scaling``, the frequencies of
+    :func:`~lowrank.models.transformer.rotary_frequencies`), the identity on the pass-through
+    features; the forward pass rotates ``q_i`` by ``R(i)`` and ``k_j`` by ``R(j)``, and
+    ``R(i) q . R(j) k = R(i - j) q . k``.
+
+    TransformerLens's ``model.QK`` ignores the rotation, and so do :func:`qk_circuit` and
+    ``TransformerModel.QK`` (``W_Q W_K^T``, the circuit at ``delta = 0``); this function is the
+    rotary-aware one. Kept factored: ``A = W_Q R(delta) [..., d_model, d_head]`` (formed once
+    per offset), ``B = W_K^T [..., d_head, d_model]`` broadcast over the offsets. Grouped-query
+    models: ``[L, n_kv_heads, group, n_offsets, d_model, d_model]`` with ``B`` the grouped
+    ``W_K^T [L, n_kv_heads, 1, 1, d_head, d_model]``, as :func:`qk_circuit`.
+
+    Args:
+        model: a rotary model (``model.config.positional == "rotary"``).
+        offsets: integer offsets ``delta`` (query position minus key position; 0 and negative
+            values allowed), any shape; its axes replace ``n_offsets`` (a scalar drops it).
+
+    Raises:
+        ValueError: for a model without rotary embeddings (use :func:`positional_qk_circuit`)
+            or offsets that are not integers.
+    """
+    where = "rotary_qk_circuit"
+    config = _rotary_config(model, where)
+    offsets = _int_offsets(offsets, where)
+    h = _heads(model)
+    A = _rotate_by(upcast(h.Q), offsets, config, trailing=2)  # each row of W_Q
+    KT = mT(upcast(h.K))  # [L, n_kv, 1, d_head, d_model]
+    return _circuit(A, KT.reshape(*KT.shape[:3], *(1,) * offsets.ndim, *KT.shape[3:]))
+
+
+def _default_residual(model: Any) -> Array:
+    """The mean normalised token embedding, as each layer's ``W_Q``/``W_K`` read it: ``[L, d]``.
+
+    Each row of ``W_E`` is normalised as the first norm normalises (LayerNorm: centred, then
+    divided by its root mean square; RMSNorm: divided by it), the rows are averaged, and the
+    ``ln1`` weight (and LayerNorm bias) of each layer applied when they are not folded.
+    """
+    config = model.config
+    E = upcast(model.W_E)
+    if config.normalization == "LN":
+        E = E - jnp.mean(E, axis=-1, keepdims=True)
+    E = E * jax.lax.rsqrt(jnp.mean(E * E, axis=-1, keepdims=True) + config.eps)
+    x = jnp.broadcast_to(jnp.mean(E, axis=0), (config.n_layers, config.d_model))
+    params = getattr(model, "params", None)
+    if params is None or is_layer_norm_folded(params):
+        return x
+    ln1 = params["blocks"]["ln1"]
+    x = x * upcast(ln1["w"])
+    return x + upcast(ln1["b"]) if "b" in ln1 else x
+
+
+def _residual(model: Any, x: Any, where: str) -> Array:
+    """``x`` as ``[L, d_model]`` (the default of :func:`_default_residual` for ``None``)."""
+    if x is None:
+        return _default_residual(model)
+    n_layers, d_model = model.W_Q.shape[0], model.W_Q.shape[2]
+    x = jnp.asarray(x)
+    if x.ndim not in (1, 2) or x.shape[-1] != d_model or x.shape[:-1] not in ((), (n_layers,)):
+        raise ValueError(
+            f"{where}: x must be [d_model] or [L, d_model] = [{n_layers}, {d_model}], got "
+            f"{tuple(x.shape)}"
+        )
+    return jnp.broadcast_to(upcast(x), (n_layers, d_model))
+
+
+def relative_position_profile(model: Any, offsets: Any, x: Any = None) -> Array:
+    """Each rotary head's score for a key ``delta`` tokens back, from the weights: ``[L, H, n]``.
+
+    ``profile[l, h, delta] = x_l W_Q R(delta) W_K^T x_l``: the bilinear form of
+    :func:`rotary_qk_circuit` evaluated on one residual vector ``x_l`` as both query and key,
+    so that only the position (the rotation) differs between query and key. The default
+    ``x_l`` is the mean over the vocabulary of the token embeddings normalised as the first
+    norm normalises them (and scaled by layer ``l``'s ``ln1`` weights when not folded). As
+    the form is bilinear, that makes ``profile[delta]`` exactly the expected score between a
+    query token and a key token drawn independently and uniformly from the vocabulary
+    ``delta`` positions apart (residual = normalised embedding): the part of the score that
+    depends on position alone, with token identity averaged out. A previous-token head has
+    its maximum at ``delta = 1``. Like the circuits it ignores biases and the score divisor
+    (divide by ``model.config.attn_scales[l]`` for the logits the softmax sees); for layers
+    after the first the embedding is only the first-order part of the residual stream.
+
+    Computed without any ``d_model x d_model`` matrix: ``R(delta)`` rotates ``x_l W_Q``
+    ``[L, H, d_head]``, which is dotted with ``x_l W_K`` (once per key/value head).
+
+    Args:
+        model: a rotary model.
+        offsets: integer offsets ``delta`` (query position minus key position), any shape; its
+            axes are the trailing axes of the result.
+        x: the residual vector that ``W_Q`` and ``W_K`` read (after the first norm),
+            ``[d_model]`` or per layer ``[L, d_model]``; ``None`` for the default above.
+
+    Returns:
+        ``[L, H, *offsets.shape]`` (per query head also for grouped-query models).
+
+    Raises:
+        ValueError: as :func:`rotary_qk_circuit`, or for ``x`` of the wrong shape.
+    """
+    where = "relative_position_profile"
+    config = _rotary_config(model, where)
+    offsets = _int_offsets(offsets, where)
+    x = _residual(model, x, where)
+    h = _heads(model)
+    q = jnp.einsum("ld,lkgde->lkge", x, upcast(h.Q), precision=HIGHEST)  # [L, n_kv, g, dh]
+    k = jnp.einsum("ld,lkgde->lkge", x, upcast(h.K), precision=HIGHEST)  # [L, n_kv, 1, dh]
+    q = _rotate_by(q, offsets, config)  # [L, n_kv, group, *o, d_head]
+    k = k.reshape(*k.shape[:3], *(1,) * offsets.ndim, k.shape[-1])
+    return _merge(jnp.sum(q * k, axis=-1))
+
+
+def rotary_positional_pattern(model: Any, n_positions: int, x: Any = None) -> Array:
+    """Query-by-key scores of a constant input on a rotary model: ``[L, H, n, n]``.
+
+    The rotary analogue of :func:`positional_qk_circuit`: the score between query position
+    ``i`` and key position ``j`` when every position holds the same residual ``x`` (default:
+    the mean normalised embedding of :func:`relative_position_profile`), so that only the
+    rotation distinguishes positions. It is Toeplitz, ``pattern[..., i, j] =
+    relative_position_profile(model, i - j, x)``, and computed from the ``n`` offsets, never
+    from a dense circuit. Entries the model never computes (keys after the query, ``j > i``,
+    and keys outside a local layer's window) are ``-inf``, so ``jax.nn.softmax(pattern /
+    scale, axis=-1)`` is the attention pattern of that input; to plot, map them to NaN
+    (``jnp.where(jnp.isfinite(p), p, jnp.nan)``). Scores exclude biases and the divisor.
+
+    Args:
+        model: a rotary model.
+        n_positions: the number of positions ``n`` (a positive Python int).
+        x: as in :func:`relative_position_profile`.
+
+    Raises:
+        ValueError: as :func:`relative_position_profile`, or for a bad ``n_positions``.
+    """
+    where = "rotary_positional_pattern"
+    config = _rotary_config(model, where)
+    if isinstance(n_positions, bool) or not isinstance(n_positions, (int, np.integer)):
+        raise ValueError(f"{where}: n_positions must be a Python int, got {n_positions!r}")
+    if n_positions < 1:
+        raise ValueError(f"{where}: n_positions must be positive, got {n_positions}")
+    n = int(n_positions)
+    profile = relative_position_profile(model, np.arange(n), x)  # [L, H, n]
+    delta = np.arange(n)[:, None] - np.arange(n)[None, :]  # [query, key]
+    pattern = profile[..., np.clip(delta, 0, None)]
+    windows = np.asarray(config.attn_windows)[:, None, None, None]
+    allowed = (delta >= 0) & (delta < windows)  # [L, 1, n, n]
+    return jnp.where(jnp.asarray(allowed), pattern, jnp.asarray(-jnp.inf, pattern.dtype))
 
 
 def ov_eigenvalues(model: Any, *, full: bool = True) -> Array:

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# lowrank.models.EMBEDDED_MODEL, written out so that --help does not import jax (tested).
+# lowrank.models.EMBEDDED_MODEL(S), written out so that --help does not import jax (tested).
 EMBEDDED_MODEL = "induction-2l"
+EMBEDDED_MODELS = (EMBEDDED_MODEL, "induction-2l-rope")
 
 DESCRIPTION = """\
 Analyse the weights of a GPT-2 or GPT-Neo model head by head: copying scores of the OV and
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default=EMBEDDED_MODEL,
         metavar="MODEL",
-        help=f"checkpoint directory or hub id (default: the embedded {EMBEDDED_MODEL!r})",
+        help="checkpoint directory, hub id or the name of an embedded model ("
+        + ", ".join(EMBEDDED_MODELS)
+        + f"; default: {EMBEDDED_MODEL!r})",
     )
     report.add_argument(
         "--out", default="report", metavar="DIR", help="output directory (default: ./report)"

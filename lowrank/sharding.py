@@ -13,19 +13,22 @@ its part of a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as _jax_config  # no public context manager for the partitioner
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lowrank import _deadlock, circuits
 from lowrank.factored import FactoredMatrix
-from lowrank.models import TransformerModel, place_params
+from lowrank.models import ModelConfig, TransformerModel, init_params, place_params
+from lowrank.models._common import dotted_path
 
 LAYERS, HEADS = "layers", "heads"
 PER_HEAD = P(LAYERS, HEADS)  # [L, H, ...] split over the (layers, heads) mesh
@@ -36,6 +39,8 @@ __all__ = [
     "LAYERS",
     "PER_HEAD",
     "REPLICATED",
+    "abstract_model",
+    "compile_composition_scores",
     "composition_scores",
     "make_mesh",
     "param_sharding",
@@ -106,6 +111,21 @@ def shard_model(model: TransformerModel, mesh: Mesh) -> TransformerModel:
     return TransformerModel(params, model.config, model.tokenizer)
 
 
+def abstract_model(config: ModelConfig, mesh: Mesh, dtype: Any = jnp.float32) -> TransformerModel:
+    """A model of ``config`` with ``jax.ShapeDtypeStruct`` leaves sharded as :func:`shard_model`.
+
+    Nothing is allocated: lower a sharded analysis with it (``jax.jit(fn).lower(model)``) to
+    read a pod's per-device memory and FLOPs from the compiled program before loading weights.
+    """
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype=dtype))
+
+    def spec(path: Any, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        placed = param_sharding(dotted_path(path), mesh, x.shape)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
+
+    return TransformerModel(jax.tree_util.tree_map_with_path(spec, shapes), config)
+
+
 def shard_factored(M: FactoredMatrix, mesh: Mesh) -> FactoredMatrix:
     """A ``FactoredMatrix [L, H, l, r]`` with its leading axes split over ``(layers, heads)``."""
     if M.A.ndim < 4 or M.B.ndim < 4:
@@ -155,16 +175,53 @@ def composition_scores(model: TransformerModel, kind: circuits.CompositionKind, 
     Each scan step's (left layer, right layer) pairs are split evenly over every device of the
     mesh; the ``[L, H, L, H]`` result is split over ``(layers, heads)`` on its left-head axes.
     """
-    c = model.config
-    n_devices = mesh.devices.size
+    with _partitioner_for(model.config, mesh):
+        return _composition_program(model.config, kind, mesh)(model)
+
+
+def compile_composition_scores(
+    model: TransformerModel, kind: circuits.CompositionKind, mesh: Mesh
+) -> jax.stages.Compiled:
+    """The compiled program of :func:`composition_scores`, e.g. for an :func:`abstract_model`.
+
+    Read a pod's per-device memory (``.memory_analysis()``) and FLOPs (``.cost_analysis()``)
+    from it without loading weights or running it.
+    """
+    with _partitioner_for(model.config, mesh):
+        return _composition_program(model.config, kind, mesh).lower(model).compile()
+
+
+def _composition_program(
+    config: ModelConfig, kind: circuits.CompositionKind, mesh: Mesh
+) -> jax.stages.Wrapped:
     pairs = NamedSharding(mesh, P(None, (LAYERS, HEADS)))
-    schedule = circuits.composition_schedule(c.n_layers, c.n_heads, c.d_head, multiple=n_devices)
+    schedule = circuits.composition_schedule(
+        config.n_layers, config.n_heads, config.d_head, multiple=mesh.devices.size
+    )
 
     def split_pairs(model: TransformerModel) -> Any:
         steps = jax.lax.with_sharding_constraint(tuple(map(jnp.asarray, schedule)), pairs)
         return circuits.composition_scores(model, kind, schedule=steps)
 
-    return jax.jit(split_pairs, out_shardings=NamedSharding(mesh, PER_HEAD))(model)
+    return jax.jit(split_pairs, out_shardings=NamedSharding(mesh, PER_HEAD))
+
+
+def _partitioner_for(config: ModelConfig, mesh: Mesh) -> Any:
+    """The SPMD partitioner to compile :func:`composition_scores` with on ``mesh``.
+
+    Shardy (jax >= 0.12's default) aborts the process (a failed check in XLA's dot
+    partitioner, "ReplicateOnLastTileDim should not be called for HloShardingV3") when the
+    layer pairs are split over ``heads`` devices that hold whole key/value heads (grouped-query
+    models whose ``n_kv_heads`` the ``heads`` axis does not divide, e.g. Llama-3.1-405B on a
+    2 x 32 mesh). GSPMD partitions the same program correctly, so it compiles that case. The
+    flag is part of jit's cache key: other programs are unaffected.
+    """
+    heads = mesh.shape[HEADS]
+    kv_whole = config.n_kv_heads % heads != 0
+    use_shardy = getattr(_jax_config, "use_shardy_partitioner", None)
+    if not (kv_whole and use_shardy is not None and use_shardy.value):
+        return contextlib.nullcontext()
+    return use_shardy(False)
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -13,16 +13,19 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # transformers, transformer_lens) happen inside the fixtures, so other tests stay fast.
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from _reference import log_softmax  # noqa: E402
+from tl_weights import TL4, bridge  # noqa: E402
+from tl_weights import weights as tl_tree  # noqa: E402
 
 # ``flatten`` is re-exported for the tests: it lives with the helpers the benchmarks share.
 from benchmarks.helpers import flatten as flatten  # noqa: E402
-from benchmarks.helpers import hooked_config, stack_layers  # noqa: E402
+from benchmarks.helpers import hooked_config  # noqa: E402
 
 TOKEN_SEQ = 17  # longer than the GPT-Neo window (5), shorter than n_ctx (24)
 _WORDS = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(60)]
@@ -358,6 +361,16 @@ NO_PROCESSING = dict(
 )
 
 
+#: TransformerLens's processing flags, in ``load_and_process_state_dict``'s order.
+_TL_FLAGS = (
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "refactor_factored_attn_matrices",
+)
+
+
 @pytest.fixture(scope="session")
 def tl_model() -> Any:
     """Factory ``tl_model(ckpt, fold_ln, center_writing_weights, center_unembed,
@@ -383,6 +396,9 @@ def tl_model() -> Any:
             fold_value_biases,
             refactor,
         )
+        if key not in built and TL4:
+            flags = dict(zip(_TL_FLAGS, key[1:], strict=True))
+            built[key] = bridge(ckpt.hf_model, **flags)
         if key not in built:
             import torch
             from transformer_lens import HookedTransformer
@@ -499,6 +515,8 @@ def tl_rotary_model(ckpt: Checkpoint, **flags: bool) -> Any:
     """TransformerLens's HookedTransformer of a rotary checkpoint, processed with ``flags``
     (``load_and_process_state_dict``'s).
     """
+    if TL4:
+        return bridge(ckpt.hf_model, **flags)
     import warnings
 
     import torch
@@ -513,28 +531,35 @@ def tl_rotary_model(ckpt: Checkpoint, **flags: bool) -> Any:
     return model.eval()
 
 
-def _tl_flat(state_dict: dict[str, Any], n_layers: int) -> dict[str, np.ndarray]:
-    """TransformerLens weights in lowrank's flat layout (layers stacked, grouped ``_W_K`` as
-    ``W_K``, rotary tables and masks left out).
+def tl_converted(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """TransformerLens's unprocessed weights of ``ckpt`` in lowrank's flat layout.
+
+    3.9: its ``convert_*_weights`` of the HF model; 4.x: a bridge without processing.
     """
-    skip = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
-    weights = {
-        k.replace("._", "."): v.detach().numpy()
-        for k, v in state_dict.items()
-        if not k.endswith(skip)
-    }
-    return stack_layers(weights, n_layers)
+    if TL4:
+        return tl_tree(bridge(ckpt.hf_model))
+    import warnings
 
+    import torch
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+    from transformer_lens.pretrained.weight_conversions.neo import convert_neo_weights
 
-def tl_tree(tl_model: Any) -> dict[str, np.ndarray]:
-    """A TransformerLens model's weights in lowrank's flat layout (see :func:`_tl_flat`)."""
-    return _tl_flat(tl_model.state_dict(), tl_model.cfg.n_layers)
+    if ckpt.family in ("gpt2", "gpt_neo"):
+        cfg = tl_config(ckpt)
+        convert = convert_gpt2_weights if ckpt.family == "gpt2" else convert_neo_weights
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = {k: v.clone() for k, v in convert(ckpt.hf_model, cfg).items()}
+    else:
+        cfg = tl_rotary_config(ckpt)
+        state = _tl_state_dict(ckpt, cfg)
+    model = types.SimpleNamespace(state_dict=lambda: state, cfg=cfg)
+    return tl_tree(model)
 
 
 def assert_matches_tl_conversion(ckpt: Checkpoint, ours: dict[str, Any]) -> None:
     """``ours`` (a flat unprocessed tree) is TransformerLens's conversion of ``ckpt`` exactly."""
-    cfg = tl_rotary_config(ckpt)
-    ref = _tl_flat(_tl_state_dict(ckpt, cfg), cfg.n_layers)
+    ref = tl_converted(ckpt)
     assert set(ref) == set(ours)
     for key, value in ours.items():
         np.testing.assert_array_equal(value, ref[key], err_msg=key)
@@ -593,10 +618,8 @@ def canonical_shapes(
 
 
 def tl_stacked(tl_model: Any) -> dict[str, np.ndarray]:
-    """A TransformerLens state dict in lowrank's flat layout (layers stacked)."""
-    sd = {k: v.detach().numpy() for k, v in tl_model.state_dict().items()}
-    weights = {k: v for k, v in sd.items() if not k.endswith(("mask", "IGNORE"))}
-    return stack_layers(weights, tl_model.cfg.n_layers)
+    """A TransformerLens model's weights in lowrank's flat layout (layers stacked)."""
+    return tl_tree(tl_model)
 
 
 # Published hyper-parameters (config.json on the hub), as HF writes them.

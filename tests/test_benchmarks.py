@@ -9,15 +9,25 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from benchmarks import run
-from benchmarks.helpers import stack_layers, unstack_layers
+from benchmarks.helpers import stack_layers, tl_major_version, unstack_layers
 from benchmarks.mirror import Unmirrorable, tl_config
-from benchmarks.ops import OPS, eig_error, logprob_error, rel_error, svd_error
-from benchmarks.shapes import Unavailable, build_weights, embedded_weights
-from lowrank.models import read_config
+from benchmarks.ops import (
+    OPS,
+    OPS_BY_NAME,
+    TorchSide,
+    eig_error,
+    logprob_error,
+    rel_error,
+    svd_error,
+)
+from benchmarks.shapes import Unavailable, build_weights, checkpoint_weights, embedded_weights
+from benchmarks.tl_reference import hf_model, reference_model, with_unit_norms
+from lowrank.models import forward, read_config
 
 # lowrank and TL compute the same float32 quantities by different algorithms (Cholesky QR vs
 # SVDs of the factors, other summation orders); their results differ by ~1e-7 to 1e-5 relative
@@ -86,6 +96,8 @@ def test_json_schema_and_agreement(results):
     for key in ("platform", "device_kind", "cpu_count", "jax", "jaxlib", "torch", "date"):
         assert machine[key], key
     assert machine["transformer_lens"] and machine["torch_threads"] >= 1
+    kind = "HookedTransformer" if tl_major_version() < 4 else "TransformerBridge"
+    assert machine["transformer_lens_forward"].startswith(kind)
     assert report["settings"]["repeats"] == 1
     assert report["settings"]["tolerance"] == TOLERANCE
     _assert_all_agree(report)
@@ -125,30 +137,98 @@ def test_checkpoint_markdown_names_it(llama):
 
 @pytest.fixture(scope="module")
 def mistral_linear(rotary_checkpoint):
-    """A Mistral checkpoint (every layer slides) with linear rotary scaling, which TL applies to
-    global layers only: its forward pass cannot be mirrored.
+    """A Mistral checkpoint (every layer slides) with linear rotary scaling, which TL 3's
+    ``HookedTransformer`` applies to global layers only: it cannot mirror its forward pass.
     """
     return rotary_checkpoint("mistral", rope_scaling=dict(rope_type="linear", factor=2.0))
 
 
-def test_unmirrorable_op_is_noted(mistral_linear, tmp_path):
+@pytest.fixture(scope="module")
+def folded_gpt2(gpt2_checkpoint):
+    """A processed GPT-2 tree that does not name its checkpoint. Its final LayerNorm's bias is
+    folded into a non-zero ``b_U``, which a Hugging Face GPT-2 has no place for: TL 4, which
+    runs Hugging Face models, cannot run it.
+    """
+    return dataclasses.replace(checkpoint_weights(gpt2_checkpoint.path), checkpoint=None)
+
+
+@pytest.fixture(scope="module")
+def unmirrorable(mistral_linear, folded_gpt2):
+    """Weights the installed TL cannot run as lowrank does, and a phrase of the reason."""
+    if tl_major_version() < 4:
+        return checkpoint_weights(mistral_linear.path), "linear rotary scaling"
+    return folded_gpt2, "unembed.b_U is non-zero"
+
+
+def test_unmirrorable_op_is_noted(unmirrorable):
     """The forward record says why TL was not run; the weight-only ops still agree."""
-    report = _run(tmp_path, "--checkpoint", str(mistral_linear.path), "--ops", "ov_norm,forward")
-    records = {r["op"]: r for r in report["results"]}
+    import torch
+
+    weights, why = unmirrorable
+    runner = run.Runner(repeats=1, reference_timeout=120.0, torch_device="cpu")
+    tokens = np.arange(8, dtype=np.int32)[None] % weights.config.d_vocab
+    side = TorchSide(weights, "cpu", torch.from_numpy(tokens).long())
+    model, jax_tokens = weights.lowrank_model(), jax.device_put(tokens)
+    records = {
+        name: runner.run_op(OPS_BY_NAME[name], weights.name, model, jax_tokens, side)
+        for name in ("ov_norm", "forward")
+    }
     forward = records["forward"]
     assert forward["reference"] == {"skipped": "TransformerLens cannot mirror the model"}
     assert "max_rel_error" not in forward and forward["lowrank"]["median_s"] > 0
-    assert any("linear rotary scaling" in note for note in forward["notes"]), forward
+    assert any(why in note for note in forward["notes"]), forward
+    assert "skipped" in run.summary_line(forward)
     assert records["ov_norm"]["agree"] is True
 
 
-def test_tl_config_refuses_what_it_cannot_mirror(mistral_linear):
+def test_linear_rotary_scaling(mistral_linear, tmp_path):
+    """TL 3 cannot mirror linear scaling on sliding layers (the record says so); TL 4 runs
+    Hugging Face's Mistral, which scales every layer as lowrank does, and agrees.
+    """
+    report = _run(tmp_path, "--checkpoint", str(mistral_linear.path), "--ops", "ov_norm,forward")
+    records = {r["op"]: r for r in report["results"]}
+    forward = records["forward"]
+    assert forward["lowrank"]["median_s"] > 0 and records["ov_norm"]["agree"] is True
+    if tl_major_version() < 4:
+        assert forward["reference"] == {"skipped": "TransformerLens cannot mirror the model"}
+        assert any("linear rotary scaling" in note for note in forward["notes"]), forward
+    else:
+        assert forward["agree"] is True and forward["max_rel_error"] <= TOLERANCE, forward
+
+
+def test_tl_config_refuses_what_it_cannot_mirror(mistral_linear, folded_gpt2):
+    """TL 3: the mirrored config refuses linear scaling with local layers and mirrors the rest.
+    TL 4: the bridge refuses a tree with no Hugging Face model.
+    """
+    if tl_major_version() >= 4:
+        with pytest.raises(Unmirrorable, match="cannot write this GPT2LMHeadModel tree as one"):
+            reference_model(folded_gpt2, "cpu")
+        return
     config = read_config(mistral_linear.path)
     with pytest.raises(Unmirrorable, match="cannot mirror this MistralForCausalLM model: it "):
         tl_config(config, ln_folded=True, device="cpu")
     cfg = tl_config(dataclasses.replace(config, attn_types=None), ln_folded=True, device="cpu")
     assert cfg.rotary_scaling_factor == 2.0 and cfg.n_key_value_heads == 2
     assert cfg.normalization_type == "RMSPre" and cfg.positional_embedding_type == "rotary"
+
+
+def test_hf_model_of_a_folded_tree(llama):
+    """A folded tree with unit norms is the same model: lowrank's forward pass is unchanged,
+    and the Hugging Face model lowrank writes of it (what TL 4 runs) agrees with lowrank.
+    """
+    import torch
+
+    ckpt, _ = llama
+    weights = dataclasses.replace(checkpoint_weights(ckpt.path), checkpoint=None)
+    assert "ln1" not in weights.params["blocks"]
+    unfolded = with_unit_norms(weights.params, weights.config)
+    np.testing.assert_array_equal(unfolded["blocks"]["ln1"]["w"], 1.0)
+    tokens = np.arange(12, dtype=np.int32)[None] % weights.config.d_vocab
+    ours = np.asarray(forward(weights.params, tokens, weights.config))
+    np.testing.assert_allclose(forward(unfolded, tokens, weights.config), ours, atol=1e-5)
+    with torch.no_grad():
+        logits = hf_model(weights)(torch.from_numpy(tokens).long()).logits
+    assert logprob_error(ours, logits.numpy()) <= TOLERANCE
 
 
 def _bad_checkpoint(kind: str, directory: Path) -> Path:

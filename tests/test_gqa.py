@@ -264,11 +264,19 @@ def _sub_inputs(eqn, sub, tainted):
     return {s for s, v in zip(sub.invars, outer, strict=True) if _is_var(v) and v in tainted}
 
 
+def _scan_counts(eqn):
+    """A scan's numbers of constants and carries (jax >= 0.12 packs its operands in ``ft_in``)."""
+    if "num_consts" in eqn.params:
+        return eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, _ = eqn.params["ft_in"].update(list(eqn.invars)).unpack()
+    return len(consts), len(carry)
+
+
 def _carry_positions(eqn, sub):
     """(output index, input index) pairs of a loop body's carries."""
     name = eqn.primitive.name
     if name == "scan":
-        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        n_consts, n_carry = _scan_counts(eqn)
         return [(i, n_consts + i) for i in range(n_carry)]
     if name == "while" and sub is eqn.params["body_jaxpr"].jaxpr:
         n_consts = eqn.params["body_nconsts"]

@@ -40,6 +40,7 @@ from lowrank.models.gpt_neo import convert_gpt_neo_state_dict, gpt_neo_state_dic
 from lowrank.models.gpt_neox import convert_gpt_neox_state_dict, gpt_neox_state_dict_shapes
 from lowrank.models.hub import (
     EMBEDDED_MODEL,
+    EMBEDDED_MODELS,
     available_locally,
     embedded_model_path,
     resolve_checkpoint,
@@ -73,6 +74,7 @@ from lowrank.models.transformer import Transformer, forward, init_params
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "EMBEDDED_MODELS",
     "CheckpointError",
     "ModelConfig",
     "Params",

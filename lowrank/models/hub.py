@@ -23,11 +23,23 @@ from lowrank.models.checkpoint import (
 )
 from lowrank.models.config import _got
 
-__all__ = ["EMBEDDED_MODEL", "available_locally", "embedded_model_path", "resolve_checkpoint"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EMBEDDED_MODELS",
+    "available_locally",
+    "embedded_model_path",
+    "resolve_checkpoint",
+]
 
-#: Name of the small model shipped in ``lowrank/data`` (a 2-layer GPT-2 with an induction
-#: circuit, see ``lowrank/data/induction-2l/README.md``); ``load_pretrained()`` loads it.
+#: Name of the default small model shipped in ``lowrank/data`` (a 2-layer GPT-2 with an
+#: induction circuit, see ``lowrank/data/induction-2l/README.md``); ``load_pretrained()``
+#: loads it.
 EMBEDDED_MODEL = "induction-2l"
+
+#: Names of all models shipped in ``lowrank/data``: :data:`EMBEDDED_MODEL` and
+#: ``"induction-2l-rope"``, an attention-only Llama (RMSNorm, RoPE, grouped-query attention)
+#: with an induction circuit (``lowrank/data/induction-2l-rope/README.md``).
+EMBEDDED_MODELS: tuple[str, ...] = (EMBEDDED_MODEL, "induction-2l-rope")
 
 _BAD_REVISION_CHARS = frozenset("\\~^:?*[")
 
@@ -134,17 +146,30 @@ def _download(name: str, revision: str | None, cache_dir: str | None, allow_pick
     return Path(path)
 
 
-def embedded_model_path() -> Path:
-    """The directory of the embedded model :data:`EMBEDDED_MODEL` inside the package."""
+def embedded_model_path(name: str | None = None) -> Path:
+    """The directory of the embedded model ``name`` inside the package.
+
+    Args:
+        name: one of :data:`EMBEDDED_MODELS`; ``None`` for :data:`EMBEDDED_MODEL`.
+
+    Raises:
+        ValueError: ``name`` is not an embedded model's name.
+        CheckpointError: the model's files are missing from this installation.
+    """
+    if name is None:
+        name = EMBEDDED_MODEL
+    elif name not in EMBEDDED_MODELS:
+        raise ValueError(f"name must be one of the embedded models {EMBEDDED_MODELS}, got {name!r}")
     # Beside this module's package, not importlib.resources.files("lowrank"): a folder named
     # lowrank/ in the working directory can shadow the package's name (python -m lowrank run
     # from a clone's parent) but not this file's location.
-    path = Path(__file__).resolve().parents[1] / "data" / EMBEDDED_MODEL
+    path = Path(__file__).resolve().parents[1] / "data" / name
     if not (path / CONFIG_FILE).is_file():
+        model = "" if name == EMBEDDED_MODEL else f"--model {name} "
         raise CheckpointError(
-            f"the embedded model {EMBEDDED_MODEL!r} is missing from this installation "
+            f"the embedded model {name!r} is missing from this installation "
             f"(expected {str(path)!r}); reinstall lowrank, or rebuild it with "
-            f"'python -m lowrank.data.train_embedded --out {str(path)!r}'"
+            f"'python -m lowrank.data.train_embedded {model}--out {str(path)!r}'"
         )
     return path
 
@@ -157,7 +182,7 @@ def available_locally(
 ) -> bool:
     """Whether ``load_pretrained(name_or_path)`` can find its files without the network.
 
-    True for a local directory holding ``config.json``, for :data:`EMBEDDED_MODEL`, and for a
+    True for a local directory holding ``config.json``, for :data:`EMBEDDED_MODELS`, and for a
     hub id whose config and safetensors weights (``model.safetensors``, or a shard index and
     every shard it names) are in the Hugging Face cache. Never
     downloads anything: notebooks use it to pick a real model when one is present.
@@ -169,9 +194,9 @@ def available_locally(
         return True
     if path.is_dir() and _looks_like_path(name):
         return False
-    if name == EMBEDDED_MODEL:
+    if name in EMBEDDED_MODELS:
         try:
-            embedded_model_path()
+            embedded_model_path(name)
         except CheckpointError:
             return False
         return True
@@ -223,11 +248,12 @@ def resolve_checkpoint(
 
     A hub id (``"gpt2"``, ``"EleutherAI/gpt-neo-125M"``) is fetched with
     ``huggingface_hub.snapshot_download`` (config, safetensors and tokenizer files only;
-    pickle weights too when ``allow_pickle``), from the cache when offline. The name
-    :data:`EMBEDDED_MODEL` (``"induction-2l"``) means the model shipped with the package.
-    A local directory wins over a hub id or the embedded model of the same name only when it
-    holds a ``config.json`` (so a report folder named ``gpt2`` never hides the model ``gpt2``);
-    names that look like paths (``./gpt2``, ``/data/gpt2``) are always local.
+    pickle weights too when ``allow_pickle``), from the cache when offline. The names of
+    :data:`EMBEDDED_MODELS` (``"induction-2l"``, ``"induction-2l-rope"``) mean the models
+    shipped with the package. A local directory wins over a hub id or an embedded model of
+    the same name only when it holds a ``config.json`` (so a report folder named ``gpt2``
+    never hides the model ``gpt2``); names that look like paths (``./gpt2``, ``/data/gpt2``)
+    are always local.
 
     Raises:
         CheckpointError: not a directory and not fetchable (the message says what to do).
@@ -247,8 +273,8 @@ def resolve_checkpoint(
         )
     if not bare_name:
         raise CheckpointError(f"no such directory: {name!r}")
-    if name == EMBEDDED_MODEL:
-        return embedded_model_path()
+    if name in EMBEDDED_MODELS:
+        return embedded_model_path(name)
     try:
         return _download(
             name, revision, None if cache_dir is None else os.fspath(cache_dir), allow_pickle

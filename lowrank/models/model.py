@@ -148,7 +148,9 @@ class TransformerModel:
     def QK(self) -> FactoredMatrix:
         """``W_Q @ W_K^T`` per query head: ``FactoredMatrix [L, H, d_model, d_model]``.
 
-        Ignores the rotary embedding (as TransformerLens). Grouped-query models: ``[L,
+        Ignores the rotary embedding (as TransformerLens);
+        :func:`lowrank.circuits.rotary_qk_circuit` is the rotary-aware circuit per relative
+        offset. Grouped-query models: ``[L,
         n_kv_heads, group, d_model, d_model]`` with ``B`` the grouped ``W_K^T [L, n_kv_heads,
         1, d_head, d_model]`` (see the class docstring).
         """
