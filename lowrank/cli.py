@@ -15,6 +15,10 @@ from typing import Any
 EMBEDDED_MODEL = "induction-2l"
 EMBEDDED_MODELS = (EMBEDDED_MODEL, "induction-2l-rope")
 
+#: Seconds ``--distributed`` processes wait to join, for heartbeats and to shut down
+#: (jax.distributed's own defaults are 300, 100 and 300).
+DISTRIBUTED_TIMEOUT = 300
+
 DESCRIPTION = """\
 Analyse the weights of a GPT-2 or GPT-Neo model head by head: copying scores of the OV and
 full OV circuits, Q/K/V-composition scores of all head pairs (with the 1/sqrt(d_model)
@@ -94,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pod.add_argument("--num-processes", type=int, metavar="N", help="(default: detected)")
     pod.add_argument("--process-id", type=int, metavar="I", help="(default: detected)")
+    pod.add_argument(
+        "--distributed-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="how long processes wait for each other to join, to answer heartbeats and to shut "
+        f"down (default: {DISTRIBUTED_TIMEOUT}; raise it on loaded machines)",
+    )
     return parser
 
 
@@ -119,6 +130,7 @@ def _check_pod_options(args: argparse.Namespace) -> None:
             ("--coordinator", args.coordinator),
             ("--num-processes", args.num_processes),
             ("--process-id", args.process_id),
+            ("--distributed-timeout", args.distributed_timeout),
         )
         if value is not None
     ]
@@ -134,6 +146,10 @@ def _check_pod_options(args: argparse.Namespace) -> None:
             f"error: --process-id must be in [0, --num-processes), got {args.process_id} "
             f"of {args.num_processes}",
         )
+    if args.distributed_timeout is not None and args.distributed_timeout < 1:
+        raise _Exit(
+            2, f"error: --distributed-timeout must be at least 1, got {args.distributed_timeout}"
+        )
     if args.coordinator is not None:
         host, _, port = args.coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -145,11 +161,15 @@ def _join_distributed(args: argparse.Namespace) -> None:
 
     # CPU processes exchange data through gloo; accelerators use their own interconnect.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = args.distributed_timeout or DISTRIBUTED_TIMEOUT
     try:
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
+            initialization_timeout=timeout,
+            heartbeat_timeout_seconds=timeout,
+            shutdown_timeout_seconds=timeout,
         )
     except Exception as err:
         raise _Exit(2, f"error: cannot join the distributed job: {_one_line(err)}") from err

@@ -457,6 +457,8 @@ def test_model_and_out_the_same_folder(gpt2_checkpoint, tmp_path):
         (["--distributed", "--num-processes", "0"], "--num-processes must be at least 1"),
         (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id must be"),
         (["--distributed", "--coordinator", "nohost"], "--coordinator must be HOST:PORT"),
+        (["--distributed-timeout", "600"], "--distributed-timeout need --distributed"),
+        (["--distributed", "--distributed-timeout", "0"], "--distributed-timeout must be at"),
     ],
 )
 def test_bad_pod_options_are_one_line_before_loading(tmp_path, no_loading, options, message):

@@ -35,6 +35,14 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
+def _pod_timeout() -> int:
+    """Seconds the pod's processes wait for each other: 600 on an idle machine, scaled by the
+    load per core (capped below the test's own limit), so that a slow machine passes slowly.
+    """
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return int(min(3000, 600 * max(1.0, load)))
+
+
 def _report(out, *extra):
     return [sys.executable, "-m", "lowrank", "report", "--quiet", "--out", str(out), *extra]
 
@@ -54,6 +62,8 @@ def reports(tmp_path_factory):
                 "2",
                 "--process-id",
                 str(i),
+                "--distributed-timeout",
+                str(_pod_timeout()),
             ),
             env=_env(4),
             stdout=subprocess.PIPE,
