@@ -7,6 +7,7 @@ it imports neither lowrank, torch nor TransformerLens at module level.
 
 from __future__ import annotations
 
+import platform
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,74 @@ import numpy as np
 
 if TYPE_CHECKING:
     from lowrank.models import ModelConfig
+
+
+_LLAMA_3_1_COMMON = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+#: Published ``config.json`` dicts of the Llama-3.1 sizes (the tests' abstract shapes, the pod
+#: plans).
+LLAMA_3_1: dict[str, dict[str, Any]] = {
+    "Llama-3.1-8B": {
+        **_LLAMA_3_1_COMMON,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+    },
+    "Llama-3.1-70B": {
+        **_LLAMA_3_1_COMMON,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+    },
+    "Llama-3.1-405B": {
+        **_LLAMA_3_1_COMMON,
+        "hidden_size": 16384,
+        "intermediate_size": 53248,
+        "num_attention_heads": 128,
+        "num_hidden_layers": 126,
+        "num_key_value_heads": 8,
+    },
+}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def gpt2_config(n_layers: int, n_heads: int, d_model: int, **overrides: Any) -> ModelConfig:

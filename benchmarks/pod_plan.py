@@ -34,47 +34,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.helpers import LLAMA_3_1, cpu_model
+
 SCHEMA = 1
 RESULTS_DIR = Path(__file__).parent / "results"
 GiB = 2**30
 
-#: Published HF ``config.json`` fields of the planned models (the attention-relevant ones).
-_LLAMA_3_1: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "vocab_size": 128256,
-}
+#: Published HF ``config.json`` dicts of the planned models, and a few-KiB Llama for tests.
 MODELS: dict[str, dict[str, Any]] = {
-    "Llama-3.1-70B": {
-        **_LLAMA_3_1,
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_attention_heads": 64,
-        "num_hidden_layers": 80,
-        "num_key_value_heads": 8,
-    },
-    "Llama-3.1-405B": {
-        **_LLAMA_3_1,
-        "hidden_size": 16384,
-        "intermediate_size": 53248,
-        "num_attention_heads": 128,
-        "num_hidden_layers": 126,
-        "num_key_value_heads": 8,
-    },
-    # A few-KiB Llama for tests of the plan itself.
+    name: LLAMA_3_1[name] for name in ("Llama-3.1-70B", "Llama-3.1-405B")
+} | {
     "tiny-llama": {
-        **_LLAMA_3_1,
+        **LLAMA_3_1["Llama-3.1-8B"],
         "hidden_size": 64,
         "intermediate_size": 96,
         "num_attention_heads": 8,
         "num_hidden_layers": 4,
         "num_key_value_heads": 2,
         "vocab_size": 256,
-    },
+    }
 }
 
 ANALYSES = ("copying_scores", "ov_eigenvalues", "composition_K")
@@ -369,23 +347,12 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "name": f"cpu-{os.cpu_count()}core",
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(records: list[dict[str, Any]], tpu: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from benchmarks import measure
+from benchmarks.helpers import cpu_model
 from benchmarks.mirror import Unmirrorable
 from benchmarks.ops import OPS, OPS_BY_NAME, Op, TorchSide, compare
 from benchmarks.shapes import (
@@ -55,17 +56,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def default_machine_name() -> str:
     """``cpu-2core``, ``gpu-H100``, ``tpu-v5-lite``: platform + device kind (+ core count)."""
     device = jax.devices()[0]
@@ -90,7 +80,7 @@ def machine_info(name: str, torch_device: str) -> dict[str, Any]:
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": _version("jaxlib"),

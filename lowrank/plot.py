@@ -18,6 +18,7 @@ __all__ = [
     "eigenvalue_scatter",
     "head_heatmap",
     "positional_pattern",
+    "relative_position_profiles",
     "singular_value_spectra",
     "singular_vectors_over_positions",
 ]
@@ -166,7 +167,8 @@ def positional_pattern(
     """Positional QK scores ``[L, H, n, n]`` of chosen heads: a grid of query x key images.
 
     Each head is divided by its largest absolute score (shown in its title), so that every
-    head's pattern is visible on the one colour bar from -1 to 1.
+    head's pattern is visible on the one colour bar from -1 to 1. Scores that are not finite
+    (``-inf`` where a rotary model computes none) are left blank.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 4:
@@ -179,6 +181,7 @@ def positional_pattern(
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
     for ax, (layer, head) in zip(axes.flat, heads, strict=False):
         image = scores[layer, head]
+        image = np.where(np.isfinite(image), image, np.nan)
         if causal:
             image = np.where(np.tril(np.ones_like(image, dtype=bool)), image, np.nan)
         limit = _symmetric_limit(image)
@@ -192,4 +195,71 @@ def positional_pattern(
         ax.set_ylabel("query position", fontsize=8)
     fig.colorbar(mappable, ax=axes, shrink=0.8, label="score / max |score| of the head")
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+PROFILE_LINES_MAX = 8  # layers drawn as panels of curves; more: one heatmap of every head
+
+
+def relative_position_profiles(profile: Any, *, offsets: Any = None, title: str) -> Figure:
+    """Relative-position profiles ``[L, H, n]`` of rotary heads (score by query-key offset).
+
+    Up to :data:`PROFILE_LINES_MAX` layers: one panel per layer, a curve per head. More layers:
+    one heatmap, a row per head, each row divided by its largest absolute score.
+
+    Args:
+        offsets: the ``n`` offsets (default ``0 .. n - 1``).
+    """
+    profile = np.asarray(profile, dtype=np.float64)
+    if profile.ndim != 3:
+        raise ValueError(f"relative_position_profiles: expected [L, H, n], got {profile.shape}")
+    n_layers, n_heads, n = profile.shape
+    offsets = np.arange(n) if offsets is None else np.asarray(offsets)
+    if offsets.shape != (n,):
+        raise ValueError(f"relative_position_profiles: offsets must be [{n}], got {offsets.shape}")
+    if n_layers > PROFILE_LINES_MAX:
+        return _profile_heatmap(profile, offsets, title=title)
+    n_cols = min(n_layers, 2)
+    n_rows = -(-n_layers // n_cols)
+    fig = Figure(figsize=(1.0 + 4.6 * n_cols, 0.8 + 2.8 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True)
+    for layer, ax in enumerate(axes.flat[:n_layers]):
+        for head in range(n_heads):
+            ax.plot(offsets, profile[layer, head], marker=".", ms=3, lw=1, label=f"H{head}")
+        ax.axhline(0, color="0.8", lw=0.5)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if n_heads <= 16:
+            ax.legend(fontsize=6, ncols=2 if n_heads > 8 else 1)
+    for ax in axes.flat[n_layers:]:
+        ax.set_axis_off()
+    fig.supxlabel("offset (query position - key position)", fontsize=8)
+    fig.supylabel("score", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _profile_heatmap(profile: np.ndarray, offsets: np.ndarray, *, title: str) -> Figure:
+    """``[L, H, n]`` profiles as a (layer, head) x offset image, each row scaled to [-1, 1]."""
+    n_layers, n_heads, n = profile.shape
+    rows = profile.reshape(n_layers * n_heads, n)
+    finite = np.where(np.isfinite(rows), np.abs(rows), 0.0).max(axis=-1, keepdims=True)
+    scaled = rows / np.where(finite > 0, finite, 1.0)
+    fig = Figure(figsize=(7.0, max(3.0, 1.0 + 0.06 * rows.shape[0])), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(
+        scaled,
+        cmap=DIVERGING,
+        vmin=-1,
+        vmax=1,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(offsets[0] - 0.5, offsets[-1] + 0.5, rows.shape[0] - 0.5, -0.5),
+    )
+    layers = range(0, n_layers, max(1, n_layers // 24))  # at most ~24 labels
+    ax.set_yticks([la * n_heads for la in layers], [f"L{la}" for la in layers])
+    ax.set_xlabel("offset (query position - key position)")
+    ax.set_ylabel("head (grouped by layer)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="score / max |score| of the head")
     return fig

@@ -40,6 +40,7 @@ __all__ = [
     "SECTIONS",
     "InterpretedHead",
     "Results",
+    "RotaryPositions",
     "analyse",
     "dumps",
     "figures",
@@ -54,6 +55,8 @@ __all__ = [
 
 KINDS: tuple[circuits.CompositionKind, ...] = ("Q", "K", "V")
 POSITIONS_SHOWN = 64  # positional QK patterns are drawn over the first positions
+# Rotary models: the relative-position profile covers offsets 0 .. min(n_ctx, POSITIONS_SHOWN) - 1,
+# every offset that the rotary positional pattern over the first positions shows.
 REPORT_JSON = "report.json"
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")  # describes report.json
 # What a report folder holds: an existing folder of only these may be replaced by a new report.
@@ -133,10 +136,27 @@ class LearnedPositions:
 
 
 @dataclasses.dataclass(frozen=True)
+class RotaryPositions:
+    """What the report shows of rotary positions (no ``W_pos``): scores by relative offset.
+
+    Both come from :mod:`lowrank.circuits`: ``profile`` is
+    :func:`~lowrank.circuits.relative_position_profile` over ``offsets``, ``pattern`` is
+    :func:`~lowrank.circuits.rotary_positional_pattern` (``-inf`` where the model computes no
+    score) over the first ``P`` positions.
+    """
+
+    offsets: np.ndarray  # [n] relative offsets 0 .. n - 1 (query position minus key position)
+    profile: np.ndarray  # [L, H, n]
+    pattern: np.ndarray  # [L, H, P, P], query x key
+    heads: tuple[tuple[int, int], ...]  # (layer, head) drawn in the positional pattern figure
+
+
+@dataclasses.dataclass(frozen=True)
 class Results:
     """Every number of the report, as host NumPy arrays (``L`` layers, ``H`` heads).
 
-    ``positions`` is ``None`` for a model with rotary positions (it has no ``W_pos``).
+    ``positions`` is ``None`` for a model with rotary positions (it has no ``W_pos``) and
+    ``rotary`` is ``None`` for any other model.
     """
 
     model: str
@@ -149,6 +169,7 @@ class Results:
     embedding_spectra: Mapping[str, np.ndarray]  # name -> [k]
     interpreted: tuple[InterpretedHead, ...]
     positions: LearnedPositions | None
+    rotary: RotaryPositions | None = None
 
 
 def nonfinite_parameters(model: TransformerModel) -> list[str]:
@@ -237,11 +258,12 @@ def analyse(
         )
     tick("SVD interpreter")
 
-    positions = None
+    positions, rotary = None, None
+    n_pos = min(POSITIONS_SHOWN, c.n_ctx)
+    n_all = c.n_layers * c.n_heads
+    drawn = tuple(divmod(i, c.n_heads) for i in range(n_all)) if n_all <= 8 else chosen
     if c.positional == "learned":
         U_pos, S_pos, _ = compute(linalg.svd, model.W_pos)
-        n_pos = min(POSITIONS_SHOWN, c.n_ctx)
-        n_all = c.n_layers * c.n_heads
         positions = LearnedPositions(
             vectors=U_pos,
             singular_values=S_pos,
@@ -251,7 +273,19 @@ def analyse(
                 model,
                 per_head=True,
             ),
-            heads=tuple(divmod(i, c.n_heads) for i in range(n_all)) if n_all <= 8 else chosen,
+            heads=drawn,
+        )
+    elif c.positional == "rotary":
+        offsets = np.arange(n_pos)
+        rotary = RotaryPositions(
+            offsets=offsets,
+            profile=compute(
+                lambda m: circuits.relative_position_profile(m, offsets), model, per_head=True
+            ),
+            pattern=compute(
+                lambda m: circuits.rotary_positional_pattern(m, n_pos), model, per_head=True
+            ),
+            heads=drawn,
         )
     tick("positional QK")
 
@@ -266,6 +300,7 @@ def analyse(
         embedding_spectra=spectra,
         interpreted=tuple(interpreted),
         positions=positions,
+        rotary=rotary,
     )
 
 
@@ -316,6 +351,22 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
         "W_pos W_Q W_K^T W_pos^T: the attention score a query at one position gives a key at "
         "another from positional embeddings alone (query x key, causal part). A bright "
         "sub-diagonal is a previous-token head. Each head is scaled by its own largest score.",
+    ),
+    (
+        "rotary",
+        "Rotary positional attention",
+        "A rotary model has no W_pos: its queries and keys are rotated by their positions, so a "
+        "head's score x_i W_Q R(i - j) W_K^T x_j depends on the offset i - j between query and "
+        "key (TransformerLens's QK = W_Q W_K^T ignores the rotation; it is the offset-0 "
+        "circuit). The relative-position profile evaluates this form with the same residual "
+        "vector as query and key, the mean normalised token embedding: the expected score of a "
+        "key that many tokens back, with token identity averaged out, the part of the score "
+        "that depends on position alone. A previous-token head peaks at offset 1. The "
+        "positional pattern lays the profile out as query x key over the first positions (the "
+        "rotary analogue of W_pos W_Q W_K^T W_pos^T); keys after the query, or outside a local "
+        "layer's window, get no score. Scores exclude biases and the attention divisor "
+        "(sqrt(d_head) in most models); each head of the pattern is scaled by its own largest "
+        "score.",
     ),
 )
 
@@ -390,7 +441,11 @@ def _figure_specs(r: Results) -> list[_FigureSpec]:
             ),
         )
     )
-    return specs + (_positional_figure_specs(r.positions, c) if r.positions else [])
+    if r.positions:
+        specs += _positional_figure_specs(r.positions, c)
+    if r.rotary:
+        specs += _rotary_figure_specs(r.rotary, c)
+    return specs
 
 
 def _positional_figure_specs(pos: LearnedPositions, c: ModelConfig) -> list[_FigureSpec]:
@@ -414,6 +469,31 @@ def _positional_figure_specs(pos: LearnedPositions, c: ModelConfig) -> list[_Fig
             f"(query x key), {'every head' if every_head else 'the most-copying heads'}.",
             lambda plot: plot.positional_pattern(
                 pos.qk, heads=pos.heads, title="Positional QK scores"
+            ),
+        ),
+    ]
+
+
+def _rotary_figure_specs(rot: RotaryPositions, c: ModelConfig) -> list[_FigureSpec]:
+    every_head = len(rot.heads) == c.n_layers * c.n_heads
+    n_offsets, n_pos = rot.offsets.shape[0], rot.pattern.shape[-1]
+    return [
+        _FigureSpec(
+            "rotary_profile.png",
+            "rotary",
+            f"Relative-position profile of every head over offsets 0-{n_offsets - 1} (score of "
+            "a key that many tokens back, from the mean normalised embedding).",
+            lambda plot: plot.relative_position_profiles(
+                rot.profile, offsets=rot.offsets, title="Relative-position profiles"
+            ),
+        ),
+        _FigureSpec(
+            "rotary_positional_qk.png",
+            "rotary",
+            f"Rotary positional pattern over the first {n_pos} positions (query x key), "
+            f"{'every head' if every_head else 'the most-copying heads'}.",
+            lambda plot: plot.positional_pattern(
+                rot.pattern, heads=rot.heads, title="Rotary positional QK scores"
             ),
         ),
     ]
@@ -455,7 +535,7 @@ def to_json(results: Results, meta: Mapping[str, Any] | None = None) -> dict[str
     Args:
         meta: :func:`provenance` of the run (default: none recorded).
     """
-    r, c, pos = results, results.config, results.positions
+    r, c, pos, rot = results, results.config, results.positions, results.rotary
     report = {
         "model": r.model,
         "meta": dict(meta or {}),
@@ -504,6 +584,20 @@ def to_json(results: Results, meta: Mapping[str, Any] | None = None) -> dict[str
             "positions": int(pos.qk.shape[-1]),
             "heads": [_label(layer, head) for layer, head in pos.heads],
             "scores": [pos.qk[layer, head].tolist() for layer, head in pos.heads],
+        },
+        "relative_position_profile": None
+        if rot is None
+        else {
+            "offsets": rot.offsets.tolist(),
+            "scores": rot.profile.tolist(),
+            "peak_offsets": rot.offsets[np.argmax(rot.profile, axis=-1)].tolist(),
+        },
+        "rotary_positional_qk": None
+        if rot is None
+        else {
+            "positions": int(rot.pattern.shape[-1]),
+            "heads": [_label(layer, head) for layer, head in rot.heads],
+            "scores": [rot.pattern[layer, head].tolist() for layer, head in rot.heads],
         },
         "figures": {
             spec.filename: {"section": spec.section, "caption": spec.caption}
@@ -584,6 +678,13 @@ def format_tables(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(_w_pos_rank(report["w_pos"], "the top"))
     lines.append("")
+    profile = report.get("relative_position_profile")
+    if profile is not None:
+        lines.append(_peak_title(profile) + ":")
+        lines.append("       " + "".join(f"{'H' + str(h):>7}" for h in range(n_heads)))
+        for layer, row in enumerate(profile["peak_offsets"]):
+            lines.append(f"  L{layer:<3} " + "".join(f"{v:>7d}" for v in row))
+        lines.append("")
     lines.append("SVD interpreter, top OV direction of the most-copying heads (both signs):")
     for entry in report["svd_interpreter"]:
         lines.append(
@@ -650,11 +751,14 @@ def _table(head: Sequence[str], rows: Iterable[str], caption: str = "") -> str:
     return f"<table>{caption}<tr>{header}</tr>{body}</table>"
 
 
-def _head_table(title: str, rows: list[list[float | None]]) -> str:
+def _head_table(title: str, rows: list[list[float | None]], spec: str = ".3f") -> str:
     n_heads = len(rows[0]) if rows else 0
     return _table(
         ["", *(f"H{h}" for h in range(n_heads))],
-        (f"<th>L{layer}</th>{''.join(_cell(v) for v in row)}" for layer, row in enumerate(rows)),
+        (
+            f"<th>L{layer}</th>{''.join(_cell(v, spec) for v in row)}"
+            for layer, row in enumerate(rows)
+        ),
         caption=html.escape(title),
     )
 
@@ -715,7 +819,23 @@ def _section_tables(key: str, report: dict[str, Any]) -> str:
                 for e in report["svd_interpreter"]
             ),
         )
+    if key == "rotary":
+        profile = report["relative_position_profile"]
+        return _head_table(_peak_title(profile), profile["peak_offsets"], "d")
     return ""
+
+
+def _peak_title(profile: Mapping[str, Any]) -> str:
+    """What the table of peak offsets shows."""
+    offsets = profile["offsets"]
+    return (
+        f"Offset of each head's largest relative-position score (offsets {offsets[0]}-"
+        f"{offsets[-1]}; 1: previous token)"
+    )
+
+
+#: Sections shown only when the report has this (nullable) field.
+_SECTION_DATA = {"positional": "positional_qk", "rotary": "relative_position_profile"}
 
 
 def write_html(report: dict[str, Any], out_dir: str | Path) -> Path:
@@ -745,8 +865,9 @@ def write_html(report: dict[str, Any], out_dir: str | Path) -> Path:
     )
     nav, sections = [], []
     for key, heading, explanation in SECTIONS:
-        if key == "positional" and report["positional_qk"] is None:
-            continue  # rotary positions: no W_pos
+        needs = _SECTION_DATA.get(key)
+        if needs is not None and report.get(needs) is None:
+            continue  # positional: no W_pos (rotary positions); rotary: learned positions
         images = "".join(
             f'<figure><img src="{html.escape(name)}" alt="{html.escape(fig["caption"])}">'
             f"<figcaption>{html.escape(fig['caption'])}</figcaption></figure>"

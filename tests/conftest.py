@@ -23,9 +23,10 @@ from _reference import log_softmax  # noqa: E402
 from tl_weights import TL4, bridge  # noqa: E402
 from tl_weights import weights as tl_tree  # noqa: E402
 
+from benchmarks.helpers import LLAMA_3_1, hooked_config  # noqa: E402
+
 # ``flatten`` is re-exported for the tests: it lives with the helpers the benchmarks share.
 from benchmarks.helpers import flatten as flatten  # noqa: E402
-from benchmarks.helpers import hooked_config  # noqa: E402
 
 TOKEN_SEQ = 17  # longer than the GPT-Neo window (5), shorter than n_ctx (24)
 _WORDS = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(60)]
@@ -637,32 +638,6 @@ GPT_NEO_FAMILY = {
 }
 
 
-_LLAMA_3_1 = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "hidden_act": "silu",
-    "initializer_range": 0.02,
-    "max_position_embeddings": 131072,
-    "mlp_bias": False,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "vocab_size": 128256,
-}
 _QWEN2_5 = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",
@@ -701,30 +676,7 @@ _PYTHIA = {
 
 #: Published config.json dicts of rotary models (written from the hub files), by name.
 ROTARY_FAMILY: dict[str, dict[str, Any]] = {
-    "Llama-3.1-8B": {
-        **_LLAMA_3_1,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_attention_heads": 32,
-        "num_hidden_layers": 32,
-        "num_key_value_heads": 8,
-    },
-    "Llama-3.1-70B": {
-        **_LLAMA_3_1,
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_attention_heads": 64,
-        "num_hidden_layers": 80,
-        "num_key_value_heads": 8,
-    },
-    "Llama-3.1-405B": {
-        **_LLAMA_3_1,
-        "hidden_size": 16384,
-        "intermediate_size": 53248,
-        "num_attention_heads": 128,
-        "num_hidden_layers": 126,
-        "num_key_value_heads": 8,
-    },
+    **LLAMA_3_1,
     "Mistral-7B-v0.1": {
         "architectures": ["MistralForCausalLM"],
         "model_type": "mistral",

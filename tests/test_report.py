@@ -4,6 +4,8 @@ Every number shown is in report.json (valid against the shipped schema), and ind
 self-contained page with a header, sections, tables and every figure.
 """
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from _reference import assert_rel_close
 
-from lowrank import circuits, interpret, report
+from lowrank import circuits, interpret, report, sharding
 from lowrank.cli import main
 from lowrank.models import load_pretrained
 
@@ -66,6 +68,8 @@ def test_report_json_holds_every_number_shown(written, model):
     assert_rel_close(drawn["scores"][5], full[1, 1, :n, :n])
     vectors = np.asarray(data["w_pos"]["top_singular_vectors"])
     assert vectors.shape == (6, c.n_ctx)
+    assert results.rotary is None
+    assert data["relative_position_profile"] is None and data["rotary_positional_qk"] is None
     # every figure is listed with a section of the page
     assert {f["section"] for f in data["figures"].values()} <= {s[0] for s in report.SECTIONS}
 
@@ -131,7 +135,9 @@ def test_page_is_self_contained_with_header_sections_tables_and_figures(written)
         assert fact in page, fact
     assert "python -m lowrank report --out x" in page
     for key, heading, _ in report.SECTIONS:
-        assert f'id="{key}"' in page and f"<h2>{heading}</h2>" in page
+        if key != "rotary":  # learned positions: the W_pos sections instead
+            assert f'id="{key}"' in page and f"<h2>{heading}</h2>" in page
+    assert 'id="rotary"' not in page
     assert page.count("<table") >= 5
     assert "<pre>" not in page
     for name in data["figures"]:
@@ -167,11 +173,31 @@ def test_page_renders_in_headless_chromium(written, tmp_path):
     assert pixels.std() > 0.1  # content, not a blank page
 
 
+LEARNED_FIGURES = {
+    "copying_full_ov.png",
+    "copying_ov.png",
+    "eigenvalues_full_ov.png",
+    "composition_Q.png",
+    "composition_K.png",
+    "composition_V.png",
+    "embedding_spectra.png",
+    "w_pos_singular_vectors.png",
+    "positional_qk.png",
+}
+ROTARY_FIGURES = {"rotary_profile.png", "rotary_positional_qk.png"}
+
+
+def test_learned_model_figures_are_unchanged(written):
+    _, data, out = written
+    assert set(data["figures"]) == LEARNED_FIGURES
+    assert {p.name for p in out.glob("*.png")} == LEARNED_FIGURES
+
+
 def test_rotary_models_report_without_w_pos(rotary_checkpoint, tmp_path):
     """``python -m lowrank report DIR`` of a Llama-style model (rotary, grouped K/V).
 
-    No W_pos: no positional figures or section, null w_pos and positional_qk in a schema-valid
-    report.json; the rest as for learned positions.
+    No W_pos: no W_pos figures or positional section, null w_pos and positional_qk in a
+    schema-valid report.json, the rotary section instead; the rest as for learned positions.
     """
     path = rotary_checkpoint("llama").path
     assert main(["report", str(path), "--top-heads", "2", "--quiet", "--out", str(tmp_path)]) == 0
@@ -183,7 +209,109 @@ def test_rotary_models_report_without_w_pos(rotary_checkpoint, tmp_path):
     assert_rel_close(data["embedding_spectra"]["W_U"], interpret.embedding_spectra(model)["W_U"])
     assert_rel_close(data["composition"]["scores"]["K"], circuits.composition_scores(model, "K"))
     assert {"w_pos_singular_vectors.png", "positional_qk.png"}.isdisjoint(data["figures"])
+    assert ROTARY_FIGURES <= set(data["figures"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(data["figures"])
+    n = min(report.POSITIONS_SHOWN, model.config.n_ctx)
+    assert_rel_close(
+        data["relative_position_profile"]["scores"],
+        circuits.relative_position_profile(model, np.arange(n)),
+    )
     page = (tmp_path / "index.html").read_text()
     assert 'id="positional"' not in page and "positions are rotary" in page
+    assert 'id="rotary"' in page
     assert "positions are rotary" in report.format_tables(data)
+
+
+ROPE = "induction-2l-rope"
+
+
+@pytest.fixture(scope="module")
+def rope_run(tmp_path_factory):
+    """``python -m lowrank report induction-2l-rope --out DIR`` (in process): its stdout, DIR."""
+    out = tmp_path_factory.mktemp("rope")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["report", ROPE, "--out", str(out)]) == 0
+    return stdout.getvalue(), out
+
+
+@pytest.fixture(scope="module")
+def rope_model():
+    return load_pretrained(ROPE)
+
+
+def _null_to_nan(values):
+    return np.asarray(values, dtype=np.float64)  # None -> nan
+
+
+def test_rotary_report_writes_every_figure(rope_run):
+    _, out = rope_run
+    data = json.loads((out / "report.json").read_text())
+    jsonschema.validate(data, json.loads(report.SCHEMA_PATH.read_text()))
+    assert ROTARY_FIGURES <= set(data["figures"])
+    assert {"w_pos_singular_vectors.png", "positional_qk.png"}.isdisjoint(data["figures"])
+    assert {data["figures"][name]["section"] for name in ROTARY_FIGURES} == {"rotary"}
+    for name in data["figures"]:
+        assert (out / name).stat().st_size > 1000, name
+    assert {p.name for p in out.glob("*.png")} == set(data["figures"])
+    page = (out / "index.html").read_text()
+    assert 'id="rotary"' in page and 'id="positional"' not in page
+    for name in ROTARY_FIGURES:
+        assert f'src="{name}"' in page
+
+
+def test_rotary_report_numbers_are_the_circuits_numbers(rope_run, rope_model):
+    _, out = rope_run
+    data = json.loads((out / "report.json").read_text())
+    c = rope_model.config
+    n = min(report.POSITIONS_SHOWN, c.n_ctx)
+    profile = data["relative_position_profile"]
+    assert profile["offsets"] == list(range(n))
+    expected = np.asarray(circuits.relative_position_profile(rope_model, np.arange(n)))
+    assert_rel_close(profile["scores"], expected)
+    assert profile["peak_offsets"] == expected.argmax(-1).tolist()
+    drawn = data["rotary_positional_qk"]
+    assert drawn["positions"] == n
+    assert drawn["heads"] == [f"L{la}H{h}" for la in range(c.n_layers) for h in range(c.n_heads)]
+    pattern = np.asarray(circuits.rotary_positional_pattern(rope_model, n))
+    got = _null_to_nan(drawn["scores"]).reshape(pattern.shape)
+    assert np.array_equal(np.isnan(got), np.isneginf(pattern))  # -inf (no score) -> null
+    assert_rel_close(np.nan_to_num(got), np.where(np.isfinite(pattern), pattern, 0.0))
+    assert data["w_pos"] is None and data["positional_qk"] is None
+
+
+def test_previous_token_head_peaks_at_offset_one(rope_run):
+    stdout, out = rope_run
+    data = json.loads((out / "report.json").read_text())
+    assert data["relative_position_profile"]["peak_offsets"][0][3] == 1
+    assert "largest relative-position score" in stdout
+    assert re.search(r"L0 +(\d+ +){3}1\n", stdout), stdout
+
+
+def test_rotary_sections_under_a_mesh(rope_model, rope_run):
+    """``analyse(model, mesh=...)`` gives the rotary numbers of the unsharded report."""
+    _, out = rope_run
+    data = json.loads((out / "report.json").read_text())
+    mesh = sharding.make_mesh(rope_model.config.n_layers, rope_model.config.n_heads)
+    got = report.analyse(sharding.shard_model(rope_model, mesh), name=ROPE, mesh=mesh).rotary
+    assert got is not None
+    assert got.offsets.tolist() == data["relative_position_profile"]["offsets"]
+    assert_rel_close(got.profile, data["relative_position_profile"]["scores"])
+    drawn = data["rotary_positional_qk"]
+    assert [f"L{la}H{h}" for la, h in got.heads] == drawn["heads"]
+    want = _null_to_nan(drawn["scores"]).reshape(got.pattern.shape)
+    assert np.array_equal(np.isneginf(got.pattern), np.isnan(want))
+    finite = np.isfinite(got.pattern)
+    assert_rel_close(got.pattern[finite], want[finite])
+
+
+def test_many_layers_draw_the_profiles_as_a_heatmap():
+    """Over ``PROFILE_LINES_MAX`` layers the profiles are one image (rows: heads)."""
+    from lowrank import plot
+
+    profile = np.random.default_rng(0).normal(size=(plot.PROFILE_LINES_MAX + 2, 3, 16))
+    figure = plot.relative_position_profiles(profile, title="profiles")
+    (ax, _) = figure.axes  # the image and its colour bar
+    assert ax.images[0].get_array().shape == (profile.shape[0] * 3, 16)
+    lines = plot.relative_position_profiles(profile[:2], title="profiles")
+    assert len(lines.axes[0].lines) == 3 + 1  # a curve per head and the zero line
