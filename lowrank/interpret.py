@@ -1,7 +1,8 @@
 """Reading weights through the vocabulary: SVD interpreter, spectra, top entries.
 
 The SVD interpreter follows TransformerLens's ``SVDInterpreter``: the right singular vectors
-of a head's OV circuit (or of a layer's ``W_in^T`` / ``W_out``) live in the residual stream, and
+of a head's OV circuit (or of a layer's ``W_in^T``, ``W_gate^T`` / ``W_out``) live in the residual
+stream, and
 projecting them through the unembedding ``W_U`` says which tokens each direction promotes.
 A singular vector's sign is arbitrary, so the top tokens of both signs are reported.
 """
@@ -20,7 +21,7 @@ from lowrank._util import mm
 from lowrank.factored import FactoredMatrix
 
 Array = jax.Array
-Kind = Literal["OV", "w_in", "w_out"]
+Kind = Literal["OV", "w_in", "w_gate", "w_out"]
 
 __all__ = [
     "SingularDirections",
@@ -86,13 +87,18 @@ def _interpreted_matrix(model: Any, kind: str, layer: int, head: int | None) -> 
         return FactoredMatrix(W_V[layer, head // (n_heads // W_V.shape[1])], model.W_O[layer, head])
     if head is not None:
         raise ValueError(f"svd_directions: kind {kind!r} is per layer; got head={head}")
-    if kind == "w_in":
-        w_in = model.W_in[layer].T  # [d_mlp, d_model]
+    if kind in ("w_in", "w_gate"):
+        mlp = model.params["blocks"]["mlp"]
+        if kind == "w_gate" and "W_gate" not in mlp:
+            raise ValueError("svd_directions: kind 'w_gate' needs a gated MLP (this one has none)")
+        w_in = mlp["W_in" if kind == "w_in" else "W_gate"][layer].T  # [d_mlp, d_model]
         ln2 = model.params["blocks"].get("ln2")
         return w_in if ln2 is None else w_in * ln2["w"][layer]  # unfolded LN scales inputs
     if kind == "w_out":
         return model.W_out[layer]  # [d_mlp, d_model]
-    raise ValueError(f"svd_directions: kind must be 'OV', 'w_in' or 'w_out', got {kind!r}")
+    raise ValueError(
+        f"svd_directions: kind must be 'OV', 'w_in', 'w_gate' or 'w_out', got {kind!r}"
+    )
 
 
 def svd_directions(
@@ -109,7 +115,11 @@ def svd_directions(
     Args:
         model: a model with ``W_V``, ``W_O``, ``W_in``, ``W_out``, ``W_U`` (and ``params``);
             grouped-query models are read from their grouped ``W_V`` (no repeated copy).
-        kind: ``"OV"`` (needs ``head``), ``"w_in"`` or ``"w_out"``.
+        kind: ``"OV"`` (needs ``head``), ``"w_in"``, ``"w_gate"`` or ``"w_out"``. In a gated
+            MLP (Llama, Mistral, Qwen2, Gemma: ``down(act(gate(x)) * up(x))``) ``"w_in"`` is
+            the up projection (HF's ``up_proj``), ``"w_gate"`` the gate projection
+            (``gate_proj``) and ``"w_out"`` the down projection (``down_proj``), as
+            TransformerLens names them; ``"w_gate"`` needs a gated MLP.
         layer, head: which matrix.
         num_vectors: how many singular directions, largest first (default: up to 10).
         top_k: tokens per direction and sign.

@@ -92,7 +92,8 @@ def test_token_strings(gpt2_checkpoint):
         (("OV", 0, 4), ValueError, r"head must be in 0\.\.3, got 4"),
         (("OV", 3, 0), ValueError, r"layer must be in 0\.\.2, got 3"),
         (("w_in", 0, 1), ValueError, "is per layer; got head=1"),
-        (("attn", 0, None), ValueError, "kind must be 'OV', 'w_in' or 'w_out'"),
+        (("attn", 0, None), ValueError, "kind must be 'OV', 'w_in', 'w_gate' or 'w_out'"),
+        (("w_gate", 0, None), ValueError, "kind 'w_gate' needs a gated MLP"),
         (("OV", 1.0, 0), TypeError, "layer must be an integer"),
     ],
 )
@@ -229,3 +230,22 @@ def test_directions_table(gpt2_checkpoint):
     assert len(lines) == 4 and lines[0].startswith("  0 + S=") and lines[1].startswith("  0 - S=")
     assert repr(model.tokenizer.decode([int(got.top_tokens[0, 0, 0])])) in lines[0]
     assert "#" in got.table().splitlines()[0]
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_gated_mlp_names_up_gate_and_down_projections(rotary_checkpoint, fold):
+    """Llama: ``w_in`` reads HF's ``up_proj``, ``w_gate`` its ``gate_proj`` (both scaled by the
+    RMSNorm weight before them, folded or not), ``w_out`` its ``down_proj``; float64 SVDs.
+    """
+    ckpt = rotary_checkpoint("llama")
+    model = load_pretrained(ckpt.path, fold_ln=fold, center_writing_weights=False)
+    layer = ckpt.hf_model.model.layers[1]
+    norm = layer.post_attention_layernorm.weight.detach().numpy().astype(np.float64)
+    dense = {
+        "w_in": layer.mlp.up_proj.weight.detach().numpy() * norm,
+        "w_gate": layer.mlp.gate_proj.weight.detach().numpy() * norm,
+        "w_out": layer.mlp.down_proj.weight.detach().numpy().T,
+    }
+    for kind, matrix in dense.items():
+        got = svd_directions(model, kind, 1, num_vectors=3, top_k=5)
+        assert_rel_close(got.singular_values, np.linalg.svd(matrix, compute_uv=False)[:3])
