@@ -30,7 +30,7 @@ from lowrank._util import HIGHEST, mm, mT, upcast
 from lowrank.chain import cyclic_core
 from lowrank.factored import FactoredMatrix
 from lowrank.models.processing import is_layer_norm_folded
-from lowrank.models.transformer import rotary_frequencies
+from lowrank.models.transformer import rotary_angles, rotate
 
 Array = jax.Array
 CompositionKind = Literal["Q", "K", "V"]
@@ -197,24 +197,16 @@ def _rotate_by(x: Array, offsets: Array, config: Any, *, trailing: int = 1) -> A
     """``R(delta) x`` over the last axis, with the offsets' axes before the last ``trailing``.
 
     ``x [..., *t, d_head] -> [..., *offsets.shape, *t, d_head]`` (``t``: ``trailing - 1``
-    axes). ``R(delta)`` rotates the first ``rotary_dim`` features as the forward pass rotates a
-    query at position ``delta`` (HF's ``rotate_half`` pairs ``i, i + rotary_dim / 2``, the
-    frequencies of :func:`~lowrank.models.transformer.rotary_frequencies`) and keeps the
-    rest. Since the forward pass rotates ``q`` by ``R(i)`` and ``k`` by ``R(j)``,
-    ``R(i) q . R(j) k = R(i - j) q . k``.
+    axes). ``R(delta)`` is the forward pass's own rotation of a query at position ``delta``
+    (:func:`~lowrank.models.transformer.rotate` by
+    :func:`~lowrank.models.transformer.rotary_angles`): it rotates the first ``rotary_dim``
+    features and keeps the rest. Since the forward pass rotates ``q`` by ``R(i)`` and ``k`` by
+    ``R(j)``, ``R(i) q . R(j) k = R(i - j) q . k``.
     """
-    dtype = x.dtype
-    inv = jnp.asarray(rotary_frequencies(config), dtype=dtype)
-    half = inv.shape[0]
-    angles = offsets.astype(dtype)[..., None] * inv  # [*o, rotary_dim / 2]
-    angles = angles.reshape(*offsets.shape, *(1,) * (trailing - 1), half)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    angles = rotary_angles(config, offsets, dtype=x.dtype)  # [*o, rotary_dim]
+    angles = angles.reshape(*offsets.shape, *(1,) * (trailing - 1), angles.shape[-1])
     x = x.reshape(*x.shape[:-trailing], *(1,) * offsets.ndim, *x.shape[-trailing:])
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    out_shape = (*jnp.broadcast_shapes(x1.shape, cos.shape)[:-1], rest.shape[-1])
-    return jnp.concatenate(
-        [x1 * cos - x2 * sin, x2 * cos + x1 * sin, jnp.broadcast_to(rest, out_shape)], axis=-1
-    )
+    return rotate(x, jnp.cos(angles), jnp.sin(angles))
 
 
 def rotary_qk_circuit(model: Any, offsets: Any) -> FactoredMatrix:

@@ -118,24 +118,41 @@ def rotary_frequencies(config: ModelConfig) -> np.ndarray:
     return np.where(medium, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
 
 
+def rotary_angles(config: ModelConfig, positions: Any, dtype: Any = jnp.float32) -> Array:
+    """RoPE angles ``[*positions.shape, rotary_dim]``: ``position x frequency``.
+
+    Each frequency appears twice: for feature ``i`` and its ``rotate_half`` partner
+    ``i + rotary_dim / 2``.
+    """
+    inv = jnp.asarray(rotary_frequencies(config), dtype=dtype)
+    angles = jnp.asarray(positions).astype(dtype)[..., None] * inv
+    return jnp.concatenate([angles, angles], axis=-1)
+
+
 def _rotary_tables(config: ModelConfig, seq: int) -> tuple[Array, Array]:
     """``cos, sin [seq, rotary_dim]`` (float32) for positions ``0 .. seq - 1``."""
-    inv = jnp.asarray(rotary_frequencies(config), dtype=jnp.float32)
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)
+    angles = rotary_angles(config, jnp.arange(seq))
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def _rotate(x: Array, cos: Array, sin: Array) -> Array:
-    """RoPE on the first ``rotary_dim`` features of ``x [batch, seq, heads, d_head]``.
+def rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """RoPE on the first ``rotary_dim = cos.shape[-1]`` features of ``x``; the rest pass through.
 
-    HF's ``rotate_half`` convention: feature ``i`` pairs with ``i + rotary_dim / 2``.
+    HF's ``rotate_half`` convention: feature ``i`` pairs with ``i + rotary_dim / 2``. ``cos`` and
+    ``sin`` (of :func:`rotary_angles`) broadcast against ``x[..., :rotary_dim]``; so may ``x``
+    against them (the result has the broadcast shape).
     """
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     half = jnp.concatenate([-rot[..., r // 2 :], rot[..., : r // 2]], axis=-1)
-    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
-    return jnp.concatenate([rot * cos + half * sin, rest], axis=-1)
+    rotated = rot * cos.astype(x.dtype) + half * sin.astype(x.dtype)
+    rest = jnp.broadcast_to(rest, (*rotated.shape[:-1], rest.shape[-1]))
+    return jnp.concatenate([rotated, rest], axis=-1)
+
+
+def _rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """:func:`rotate` of ``x [batch, seq, heads, d_head]`` by tables ``[seq, rotary_dim]``."""
+    return rotate(x, cos[:, None, :], sin[:, None, :])
 
 
 class Attention(nn.Module):
