@@ -1,8 +1,55 @@
-"""Test-wide JAX settings: float32 by default, strict dtype promotion, 8 CPU devices."""
+"""Test-wide JAX settings: float32 by default, strict dtype promotion, 8 CPU devices, and
+programs compiled for speed of compiling (see ``_compile_for_tests``).
+"""
 
-import jax
+import atexit
+import os
+import shutil
+import tempfile
+
+_FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+_CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def _compile_for_tests() -> None:
+    """Make XLA compile the suite's programs about twice as fast; results are unchanged.
+
+    Most of the suite's CPU time is XLA compiling programs that then run for milliseconds. So:
+    * LLVM's backend optimisation level 0 (unless XLA_FLAGS sets one): the same HLO passes,
+      the same IEEE arithmetic without fast-math, roughly half the compile time and several
+      times the (millisecond) run time.
+    * JAX's persistent compilation cache in a folder of this session, shared by the xdist
+      workers and the subprocesses the tests start (notebook kernels, ``python -m lowrank``),
+      which compile many of the same programs. Keyed by the program and its options, so it
+      can only return what compiling would have; removed when the session ends.
+    Runs whose speed or bits matter (retraining, multi-process pods) get ``user_environment()``.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_FAST_COMPILE_FLAG}".strip()
+    if _CACHE_VARIABLE not in os.environ:  # the controller (or -n 0) creates it, workers inherit
+        folder = tempfile.mkdtemp(prefix="lowrank-tests-jax-cache-")
+        os.environ[_CACHE_VARIABLE] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+def user_environment(**changes: str) -> dict[str, str]:
+    """``os.environ`` without the settings of ``_compile_for_tests``, updated with ``changes``:
+    for subprocesses that must compile and run as users' do.
+    """
+    env = {k: v for k, v in os.environ.items() if k != _CACHE_VARIABLE}
+    flags = env.pop("XLA_FLAGS", "").split()
+    if flags := [f for f in flags if f != _FAST_COMPILE_FLAG]:
+        env["XLA_FLAGS"] = " ".join(flags)
+    return {**env, **changes}
+
+
+_compile_for_tests()
+
+import jax  # noqa: E402
 
 # Must run before any JAX backend is initialised.
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from _reference import assert_rel_close
+from conftest import user_environment
 
 # Three processes (two of them a jax.distributed job) each compile the whole report.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -25,13 +26,13 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(
+    env = user_environment(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         HF_HUB_OFFLINE="1",
         MPLBACKEND="Agg",
     )
+    env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
 
 

@@ -4,7 +4,6 @@ The circuit analyses find its induction circuit (previous-token head -> inductio
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import user_environment
 
 from lowrank.circuits import composition_baseline, composition_scores, copying_scores
 from lowrank.data import train_embedded as te
@@ -202,7 +202,7 @@ def test_retraining_reproduces_metrics(tmp_path, metrics):
     out = tmp_path / "induction-2l"
     command = metrics["command"].replace("DIR", str(out)).split()
     assert command[:3] == ["python", "-m", "lowrank.data.train_embedded"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = user_environment(PYTHONPATH=str(REPO))  # compiled and run as users do
     subprocess.run([sys.executable, *command[1:], "--quiet"], check=True, cwd=tmp_path, env=env)
     new = json.loads((out / "metrics.json").read_text())
     for key in ("seed", "train", "prev_token_head", "command", "words_copied"):

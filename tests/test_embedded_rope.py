@@ -6,7 +6,6 @@ scores find the induction heads that read it.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import user_environment
 
 from lowrank.circuits import (
     composition_baseline,
@@ -187,7 +187,7 @@ def test_retraining_reproduces_metrics(tmp_path, metrics):
     out = tmp_path / NAME
     command = metrics["command"].replace("DIR", str(out)).split()
     assert command[:5] == ["python", "-m", "lowrank.data.train_embedded", "--model", NAME]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = user_environment(PYTHONPATH=str(REPO))  # compiled and run as users do
     subprocess.run([sys.executable, *command[1:], "--quiet"], check=True, cwd=tmp_path, env=env)
     new = json.loads((out / "metrics.json").read_text())
     for key in ("seed", "train", "prev_token_head", "command"):

@@ -22,7 +22,7 @@ from lowrank.models import (
 )
 
 
-def gpt2_small(d_vocab=4096):
+def gpt2_small(d_vocab=1024):
     """gpt2-small shapes (12 x 12 heads, d_model 768) with a smaller vocabulary (CPU memory)."""
     config = config_from_hf({**published_config("gpt2"), "vocab_size": d_vocab})
     return TransformerModel(init_params(config, jax.random.key(0)), config)

@@ -6,6 +6,7 @@ has none.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,9 @@ GPT_NEO = dataclasses.replace(
 
 
 def _model(config: ModelConfig = GPT2) -> TransformerModel:
-    return TransformerModel(init_params(config, jax.random.key(0)), config)
+    """A model of abstract parameters: exporting needs their shapes and dtypes, not values."""
+    params = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+    return TransformerModel(params, config)
 
 
 def _factored(square: bool) -> FactoredMatrix:
