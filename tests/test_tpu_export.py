@@ -6,7 +6,6 @@ has none.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,7 @@ GPT_NEO = dataclasses.replace(
 
 def _model(config: ModelConfig = GPT2) -> TransformerModel:
     """A model of abstract parameters: exporting needs their shapes and dtypes, not values."""
-    params = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-    return TransformerModel(params, config)
+    return TransformerModel(jax.eval_shape(lambda: init_params(config, jax.random.key(0))), config)
 
 
 def _factored(square: bool) -> FactoredMatrix:
